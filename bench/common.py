@@ -1,0 +1,71 @@
+"""Shared helpers for the benchmarks: CUDA timing, peak memory, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from typing import Callable
+
+import torch
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+
+
+def gpu_slug() -> str:
+    """Short GPU name for result file names: 'h100', 'h200', 'cpu'."""
+    name = device_name().lower()
+    for slug in ("h200", "h100", "a100", "l40s", "a10g"):
+        if slug in name:
+            return slug
+    return "cpu" if not torch.cuda.is_available() else name.split()[-1]
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds per call (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory_gib(fn: Callable[[], object]) -> float:
+    """Peak GPU memory allocated while running fn once (GiB), including what was resident before."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def write_json(name: str, payload: dict, out_dir: str | None = None) -> str:
+    """Write bench/results/<name>_<gpu>.json (and a copy under $OUT when set); return the path."""
+    payload = {"bench": name, "device": device_name(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+    out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}_{gpu_slug()}.json")
+    text = json.dumps(payload, indent=2)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], os.path.basename(path)), "w") as f:
+            f.write(text + "\n")
+    return path

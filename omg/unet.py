@@ -1,0 +1,320 @@
+"""The SDXL UNet, written from scratch with the parameter names of the SGM single-file layout.
+
+Every attention layer is addressable by its SGM module path (``input_blocks.4.1.transformer_blocks.0.attn2``)
+and can be given a processor, which is how the OMG sampler captures and replays cross-attention.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+# processor(layer, x, context) -> output of the layer (after to_out); context is None for self-attention.
+AttentionProcessor = Callable[["Attention", Tensor, Optional[Tensor]], Tensor]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320  # channels of level 0; level l has model_channels * channel_mult[l]
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
+    transformer_depth: tuple[int, ...] = (0, 2, 10)  # transformer blocks per attention at each level; 0 = none
+    transformer_depth_middle: int = 10
+    head_dim: int = 64  # SGM num_head_channels: heads = channels // head_dim
+    context_dim: int = 2048  # text context width (CLIP-L 768 + bigG 1280)
+    adm_in_channels: int = 2816  # the "y" vector: pooled bigG 1280 + 6 size embeddings of 256
+    norm_groups: int = 32
+
+    @classmethod
+    def sdxl(cls) -> "UNetConfig":
+        """SDXL base 1.0 (sd_xl_base.yaml)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "UNetConfig":
+        """A few-hundred-thousand-parameter UNet with every block type of SDXL, for CPU tests."""
+        return cls(model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 2),
+                   transformer_depth_middle=2, head_dim=16, context_dim=48, adm_in_channels=64,
+                   norm_groups=8)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Tensor], head_dim: int = 64, norm_groups: int = 32) -> "UNetConfig":
+        """Infer the config from tensor shapes (SGM keys, no prefix).
+
+        Head width and group count leave no trace in the shapes; SDXL's values are the defaults.
+        Raises KeyError for keys that every SDXL-family UNet has; the loader turns that into a
+        CheckpointError naming the file.
+        """
+        conv_in = sd["input_blocks.0.0.weight"]
+        model_channels, in_channels = conv_in.shape[0], conv_in.shape[1]
+        blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.", k))})
+        downsamples = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in sd]
+        num_res_blocks = downsamples[0] - 1 if downsamples else len(blocks) - 1
+        levels = len(downsamples) + 1
+        channel_mult, depth = [], []
+        for level in range(levels):
+            first = 1 + level * (num_res_blocks + 1)
+            channel_mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // model_channels)
+            depth.append(_count_transformer_blocks(sd, f"input_blocks.{first}.1."))
+        attn2 = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+        return cls(in_channels=in_channels, out_channels=sd["out.2.weight"].shape[0],
+                   model_channels=model_channels, channel_mult=tuple(channel_mult),
+                   num_res_blocks=num_res_blocks, transformer_depth=tuple(depth),
+                   transformer_depth_middle=_count_transformer_blocks(sd, "middle_block.1."),
+                   head_dim=head_dim, context_dim=sd[attn2].shape[1],
+                   adm_in_channels=sd["label_emb.0.0.weight"].shape[1], norm_groups=norm_groups)
+
+
+def _count_transformer_blocks(sd: Mapping[str, Tensor], prefix: str) -> int:
+    found = {int(m.group(1)) for k in sd if k.startswith(prefix)
+             and (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))}
+    return len(found)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding, cos first (SGM util.timestep_embedding); t of shape (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when context is None. ``path`` is its SGM module path."""
+
+    def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None):
+        super().__init__()
+        self.heads = heads
+        self.is_cross = context_dim is not None
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.path = ""
+        self.processor: Optional[AttentionProcessor] = None
+
+    def qkv(self, x: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected queries, keys, values, each (B, heads, tokens, head_dim)."""
+        context = x if context is None else context
+        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)  # noqa: E731
+        return split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+
+    def out(self, attended: Tensor) -> Tensor:
+        """(B, heads, tokens, head_dim) -> output projection."""
+        return self.to_out[0](rearrange(attended, "b h n d -> b n (h d)"))
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        if self.processor is not None:
+            return self.processor(self, x, context)
+        return self.out(F.scaled_dot_product_attention(*self.qkv(x, context)))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # index 1 is SGM's dropout; kept as a placeholder so the keys read ff.net.0 / ff.net.2
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.attn1 = Attention(dim, heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(channels, heads, context_dim) for _ in range(depth)])
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return x + rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=h, w=w)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Identity(),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if channels == out_channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.out_layers(h) + self.skip_connection(x)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Block(nn.ModuleList):
+    """One SGM input/middle/output block: each layer gets what it needs (emb, context, or neither)."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """SDXL UNet: eps = unet(x, timesteps, context, y)."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = cfg = config
+        mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.time_embed_dim
+        if len(cfg.transformer_depth) != len(cfg.channel_mult):
+            raise ValueError(f"transformer_depth {cfg.transformer_depth} needs one entry per level "
+                             f"of channel_mult {cfg.channel_mult}")
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Sequential(nn.Sequential(
+            nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, ch // cfg.head_dim, depth, cfg.context_dim, groups)
+
+        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        skip_channels, ch = [mc], mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult, groups)]
+                ch = mc * mult
+                if cfg.transformer_depth[level]:
+                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                self.input_blocks.append(Block(layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(Block([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = Block([ResBlock(ch, emb_dim, ch, groups),
+                                   transformer(ch, cfg.transformer_depth_middle),
+                                   ResBlock(ch, emb_dim, ch, groups)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
+                ch = mc * mult
+                if cfg.transformer_depth[level]:
+                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(Block(layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        for name, module in self.named_modules():
+            if isinstance(module, Attention):
+                module.path = name
+
+    # --- attention hook -------------------------------------------------------------------------
+    def attention_layers(self, kind: Optional[str] = None) -> dict[str, Attention]:
+        """Attention layers by SGM path; kind = "self" (attn1), "cross" (attn2) or None for both."""
+        if kind not in (None, "self", "cross"):
+            raise ValueError(f"kind must be 'self', 'cross' or None, not {kind!r}")
+        return {name: m for name, m in self.named_modules() if isinstance(m, Attention)
+                and (kind is None or m.is_cross == (kind == "cross"))}
+
+    def set_attention_processor(self, processor: Optional[AttentionProcessor], kind: Optional[str] = None,
+                                paths: Optional[Sequence[str]] = None) -> None:
+        """Route attention layers through processor (None restores torch SDPA).
+
+        Applies to every layer of `kind`, or only to the SGM `paths` given.
+        """
+        layers = self.attention_layers(kind)
+        if paths is not None:
+            unknown = sorted(set(paths) - set(layers))
+            if unknown:
+                raise KeyError(f"no {kind or ''} attention layer at {unknown[:5]}")
+            layers = {p: layers[p] for p in paths}
+        for layer in layers.values():
+            layer.processor = processor
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor) -> Tensor:
+        """x (B, C, H, W) latent; timesteps (B,) or scalar; context (B, T, context_dim); y (B, adm_in)."""
+        timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        emb = emb + self.label_emb(y.to(x.dtype))
+        context = context.to(x.dtype)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="omg",
+    version="0.1.0",
+    description="OMG: occlusion-friendly personalized multi-concept generation with SDXL, in PyTorch + Triton",
+    packages=find_packages(include=["omg", "omg.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "einops>=0.7",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "transformers>=4.44",  # CLIP-L text encoder
+        "open-clip-torch>=2.24",  # bundled BPE vocabulary; bigG text tower
+    ],
+    extras_require={
+        # test-only reference implementations, pinned to the versions the tests were written against
+        "test": [
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "pytest==9.2.0",
+            "diffusers==0.42.1",
+            "transformers==5.24.0",
+            "open-clip-torch==3.3.0",
+            "peft==0.21.2",
+            "k-diffusion==0.1.1.post1",
+            "setuptools<81",  # k-diffusion -> clip needs pkg_resources
+            "segment-anything==1.0",
+            "safetensors==0.8.0",
+        ],
+    },
+    entry_points={"console_scripts": ["omg=omg.cli:main"]},
+)
