@@ -1,0 +1,191 @@
+"""Cross-attention capture and replay for the OMG sampler (attention processors for omg.unet).
+
+Stage 1 samples the global prompt with the base model. Stage 2 must run the base model on its own
+(blended) latent while its conditional cross-attention maps are the ones stage 1 had at the same step
+(prompt-to-prompt "replace"). Because the global prompt is the same in both stages, K and V of every
+attn2 layer are the same too, so the replayed output  A_stage1 · V  *is* stage 1's attn2 output. That
+gives three interchangeable ways to replay:
+
+- ``store="outputs"``: keep stage 1's attn2 outputs (conditional rows) for the replay steps and return
+  them in stage 2; the replayed layers skip q/k/v and softmax entirely.
+- ``store="maps"``: keep the probability maps A (all heads) and compute A · V in stage 2 (what the paper
+  describes; needed when the replay prompt differs, and the oracle for the outputs store).
+- ``store="recompute"``: keep nothing but the stage-1 latents; stage 2 re-runs the stage-1 conditional
+  rows in the same batch and copies their attention into the target rows as it goes (the original
+  code's in-batch source/target copy, without its duplicated unconditional half).
+
+The same controller also accumulates, over the capture steps, the head-averaged cross-attention maps
+of chosen prompt tokens (the class nouns), from which the concept masks are made.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from omg.unet import Attention, UNet
+
+STORES = ("outputs", "maps", "recompute")
+
+
+def attention_probs(q: Tensor, k: Tensor) -> Tensor:
+    """softmax(q kᵀ / √d) in fp32: (B, h, N, d) x (B, h, T, d) -> (B, h, N, T)."""
+    scores = torch.einsum("bhnd,bhtd->bhnt", q.float(), k.float()) * (q.shape[-1] ** -0.5)
+    return scores.softmax(dim=-1)
+
+
+@dataclass
+class TokenHeatmaps:
+    """Running sums of head-averaged attn2 maps for selected tokens, one sum per token resolution."""
+    token_indices: list[int]
+    latent_hw: tuple[int, int]
+    sums: dict[int, Tensor] = field(default_factory=dict)  # tokens-per-map N -> (n_tok, h, w)
+    counts: dict[int, int] = field(default_factory=dict)
+
+    def add(self, probs: Tensor) -> None:
+        """probs (B, heads, N, T) of the conditional rows."""
+        n = probs.shape[2]
+        h, w = _spatial_shape(n, self.latent_hw)
+        maps = probs[..., self.token_indices].mean(dim=(0, 1)).T.reshape(len(self.token_indices), h, w)
+        self.sums[n] = self.sums.get(n, 0) + maps.float()
+        self.counts[n] = self.counts.get(n, 0) + 1
+
+    def result(self) -> Tensor:
+        """Average over layers, heads and steps at latent resolution: (n_tok, H, W), each map sums to 1."""
+        if not self.sums:
+            raise RuntimeError("no cross-attention was captured")
+        total = 0
+        for n, s in self.sums.items():
+            total = total + F.interpolate((s / self.counts[n])[None], size=self.latent_hw, mode="bilinear",
+                                          align_corners=False)[0]
+        return total / total.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def _spatial_shape(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    factor = round(math.sqrt(latent_hw[0] * latent_hw[1] / tokens))
+    h, w = -(-latent_hw[0] // factor), -(-latent_hw[1] // factor)  # stride-2 convs round up
+    assert h * w == tokens, (tokens, latent_hw)
+    return h, w
+
+
+class AttentionControl:
+    """Attention processor for every attention layer of a UNet: plain, capture, or replay.
+
+    The sampler sets ``mode`` and ``step`` before each UNet call and gives the rows of the batch
+    that play each role: ``cond_rows`` (the conditional rows of the global prompt, captured in stage 1
+    and replayed in stage 2) and, for ``store="recompute"``, ``source_rows`` (stage-1 rows whose attention
+    is copied into ``cond_rows``).
+    """
+
+    def __init__(self, unet: UNet, store: str = "outputs", steps: Sequence[int] = (),
+                 store_dtype: torch.dtype = torch.bfloat16, store_device: Optional[torch.device] = None,
+                 self_replay_steps: Sequence[int] = (), heatmap_tokens: Sequence[int] = (),
+                 latent_hw: Optional[tuple[int, int]] = None):
+        if store not in STORES:
+            raise ValueError(f"store must be one of {STORES}, not {store!r}")
+        self.unet = unet
+        self.store = store
+        self.steps = set(steps)  # steps whose cross-attention stage 2 replays
+        self.self_replay_steps = set(self_replay_steps)
+        self.store_dtype = store_dtype
+        self.store_device = store_device
+        self.mode = "plain"  # "plain" | "capture" | "replay"
+        self.step = -1
+        self.cond_rows: slice = slice(0, 0)
+        self.source_rows: Optional[slice] = None
+        self.saved: dict[tuple[int, str], object] = {}
+        self.heatmaps = (TokenHeatmaps(list(heatmap_tokens), latent_hw)
+                         if heatmap_tokens and latent_hw else None)
+
+    # -- installation ---------------------------------------------------------------------------
+    def __enter__(self) -> "AttentionControl":
+        self.unet.set_attention_processor(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unet.set_attention_processor(None)
+
+    def stored_bytes(self) -> int:
+        total = 0
+        for value in self.saved.values():
+            for t in value if isinstance(value, tuple) else (value,):
+                total += t.numel() * t.element_size()
+        return total
+
+    # -- the processor --------------------------------------------------------------------------
+    def __call__(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
+        if self.mode == "capture":
+            return self._capture(layer, x, context)
+        if self.mode == "replay":
+            return self._replay(layer, x, context)
+        return layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
+
+    def _keep(self, t: Tensor) -> Tensor:
+        return t.to(device=self.store_device or t.device, dtype=self.store_dtype)
+
+    def _capture(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
+        q, k, v = layer.qkv(x, context)
+        rows, key = self.cond_rows, (self.step, layer.path)
+        if not layer.is_cross:
+            if self.step in self.self_replay_steps and self.store != "recompute":
+                self.saved[key] = (self._keep(q[rows]), self._keep(k[rows]))
+            return layer.out(F.scaled_dot_product_attention(q, k, v))
+        need_probs = self.heatmaps is not None or (self.store == "maps" and self.step in self.steps)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        if need_probs:
+            probs = attention_probs(q[rows], k[rows])
+            if self.heatmaps is not None:
+                self.heatmaps.add(probs)
+            if self.store == "maps" and self.step in self.steps:
+                self.saved[key] = self._keep(probs)
+        out = layer.out(attended)
+        if self.store == "outputs" and self.step in self.steps:
+            self.saved[key] = self._keep(out[rows])
+        return out
+
+    def _replay(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
+        rows, key = self.cond_rows, (self.step, layer.path)
+        if not layer.is_cross:
+            if self.step not in self.self_replay_steps:
+                return layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
+            q, k, v = layer.qkv(x, context)
+            q_ref, k_ref = self._reference_qk(q, k, key)
+            q, k = q.clone(), k.clone()
+            q[rows], k[rows] = q_ref.to(q.dtype), k_ref.to(k.dtype)
+            return layer.out(F.scaled_dot_product_attention(q, k, v))
+        if self.step not in self.steps:
+            return layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
+        if self.store == "recompute":
+            out = layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
+            out[rows] = out[self.source_rows]
+            return out
+        others = _complement(rows, x.shape[0])
+        out = x.new_empty(x.shape[0], x.shape[1], layer.to_out[0].out_features)
+        if others:
+            ctx = None if context is None else torch.cat([context[r] for r in others])
+            rest = layer.out(F.scaled_dot_product_attention(*layer.qkv(torch.cat([x[r] for r in others]), ctx)))
+            start = 0
+            for r in others:
+                n = r.stop - r.start
+                out[r] = rest[start:start + n]
+                start += n
+        if self.store == "outputs":
+            out[rows] = self.saved[key].to(out.dtype)
+        else:  # maps: A_stage1 · V(current context)
+            v = layer.qkv(x[rows], context[rows])[2]
+            out[rows] = layer.out(torch.einsum("bhnt,bhtd->bhnd", self.saved[key].to(v.dtype), v))
+        return out
+
+    def _reference_qk(self, q: Tensor, k: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor]:
+        if self.store == "recompute":
+            return q[self.source_rows], k[self.source_rows]
+        return self.saved[key]
+
+
+def _complement(rows: slice, batch: int) -> list[slice]:
+    parts = [slice(0, rows.start), slice(rows.stop, batch)]
+    return [p for p in parts if p.stop > p.start]
