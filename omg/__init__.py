@@ -1,0 +1,20 @@
+"""omg: occlusion-friendly multi-concept generation with SDXL, in PyTorch + Triton.
+
+    model = omg.load_sdxl("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.float16)
+    result = omg.generate(model, "a man and a woman in a park",
+                          [omg.Concept("man", "a photo of sks man", lora="sks.safetensors"), ...])
+"""
+from omg.model import SDXL, load_sdxl
+
+__all__ = ["SDXL", "load_sdxl", "Concept", "Result", "generate", "sample"]
+
+
+def __getattr__(name: str):
+    # the samplers pull in the text stack (transformers, open_clip): import them on first use
+    if name in ("Concept", "Result", "generate"):
+        from omg import pipeline
+        return getattr(pipeline, name)
+    if name == "sample":
+        from omg.txt2img import sample
+        return sample
+    raise AttributeError(f"module 'omg' has no attribute {name!r}")

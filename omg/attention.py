@@ -159,33 +159,19 @@ class AttentionControl:
             return layer.out(F.scaled_dot_product_attention(q, k, v))
         if self.step not in self.steps:
             return layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
+        # every row is computed as in stage 1 (same batch, same kernels), then the conditional rows are
+        # overwritten: with nothing blended, stage 2 reproduces stage 1 bit for bit
+        q, k, v = layer.qkv(x, context)
+        out = layer.out(F.scaled_dot_product_attention(q, k, v))
         if self.store == "recompute":
-            out = layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
             out[rows] = out[self.source_rows]
-            return out
-        others = _complement(rows, x.shape[0])
-        out = x.new_empty(x.shape[0], x.shape[1], layer.to_out[0].out_features)
-        if others:
-            ctx = None if context is None else torch.cat([context[r] for r in others])
-            rest = layer.out(F.scaled_dot_product_attention(*layer.qkv(torch.cat([x[r] for r in others]), ctx)))
-            start = 0
-            for r in others:
-                n = r.stop - r.start
-                out[r] = rest[start:start + n]
-                start += n
-        if self.store == "outputs":
+        elif self.store == "outputs":
             out[rows] = self.saved[key].to(out.dtype)
         else:  # maps: A_stage1 · V(current context)
-            v = layer.qkv(x[rows], context[rows])[2]
-            out[rows] = layer.out(torch.einsum("bhnt,bhtd->bhnd", self.saved[key].to(v.dtype), v))
+            out[rows] = layer.out(torch.einsum("bhnt,bhtd->bhnd", self.saved[key].to(v.dtype), v[rows]))
         return out
 
     def _reference_qk(self, q: Tensor, k: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor]:
         if self.store == "recompute":
             return q[self.source_rows], k[self.source_rows]
         return self.saved[key]
-
-
-def _complement(rows: slice, batch: int) -> list[slice]:
-    parts = [slice(0, rows.start), slice(rows.stop, batch)]
-    return [p for p in parts if p.stop > p.start]

@@ -210,19 +210,25 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+        # size: the next skip connection's, for latents whose sides are not multiples of 2**levels
+        if size is None:
+            size = (2 * x.shape[-2], 2 * x.shape[-1])
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class Block(nn.ModuleList):
     """One SGM input/middle/output block: each layer gets what it needs (emb, context, or neither)."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor,  # type: ignore[override]
+                upsample_size: Optional[tuple[int, int]] = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -316,5 +322,6 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)

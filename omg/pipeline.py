@@ -1,0 +1,309 @@
+"""The two-stage OMG sampler: `omg.generate`.
+
+Stage 1 samples the global prompt with the base model, capturing (for the blending steps) what replays
+the conditional cross-attention, and the class tokens' attention heat maps. Masks come from those maps
+(refined by SAM, or given by the user). Stage 2 resumes at the blend start: every UNet call runs the base
+model with replayed cross-attention and each concept model with its own prompt, then blends the noise
+predictions with the masks before guidance:
+
+    eps = (1 - sum_i M_i) * eps_base + sum_i M_i * eps_i      (masks do not overlap: sum_i M_i <= 1)
+
+Stage 2 re-enters the sampler from its first step but answers every call before the blend start with the
+stage-1 noise prediction it recorded (no UNet work), so any sampler, multistep and ancestral ones included,
+arrives at the blend start in exactly the stage-1 state and draws the same noise.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from omg.attention import STORES, AttentionControl
+from omg.errors import SamplingError
+from omg.lora import ConceptWeights, LoraFile, load_lora, text_encoder_lora
+from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks
+from omg.sampling import SAMPLERS, EpsDenoiser, NoiseSchedule, apply_guidance, randn_cpu, run_sampler
+from omg.txt2img import latents_to_images, sdxl_conditioning
+
+DEFAULT_NEGATIVE = "noisy, blurry, soft, deformed, ugly"  # the original code's global negative prompt
+
+
+@dataclass
+class Concept:
+    """One personalised concept: the class noun it replaces in the global prompt, its own prompt and model."""
+    class_name: str
+    prompt: str
+    lora: Union[str, LoraFile, None] = None
+    negative_prompt: Optional[str] = None  # None: the global negative prompt
+    lora_scale: float = 0.8
+    mask: Any = None  # a user mask (image or latent size) or box (x0, y0, x1, y1): overrides attention/SAM
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    stage1_image: Image.Image
+    masks: Tensor  # [k, H/8, W/8] in [0, 1]; zeros for concepts that were not found
+    heatmaps: Tensor  # [k, H/8, W/8] class-token attention of stage 1, normalised
+    concept_masks: ConceptMasks
+    latent: Tensor  # final latent (VP, fp32)
+    stage1_latent: Tensor
+    blend_start_latent: Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+    unet_evaluations: int = 0  # at batch 1: a CFG pass of one model counts 2
+    store_bytes: int = 0
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    def lap(self, name: str, start: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = now - start
+        return now
+
+
+def _validate(model: Any, prompt: str, concepts: Sequence[Concept], steps: int, blend_steps: int,
+              height: int, width: int, sampler: str, store: str) -> None:
+    for name in ("unet", "vae", "text"):
+        if getattr(model, name, None) is None:
+            raise SamplingError(f"the model has no {name}; load a full SDXL checkpoint")
+    if model.vae.config.downscale != 8:
+        raise SamplingError(f"the VAE downscales by {model.vae.config.downscale}; OMG's masks assume SDXL's 8")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SamplingError(f"prompt must be a non-empty string, got {prompt!r}")
+    if steps < 1:
+        raise SamplingError(f"steps must be at least 1, got {steps}")
+    if not 0 <= blend_steps <= steps:
+        raise SamplingError(f"blend_steps must be between 0 and steps ({steps}), got {blend_steps}")
+    if height <= 0 or width <= 0 or height % 8 or width % 8:
+        raise SamplingError(f"height and width must be positive multiples of 8, got {height}x{width}")
+    if sampler not in SAMPLERS:
+        raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if store not in STORES:
+        raise SamplingError(f"store must be one of {STORES}, got {store!r}")
+    for i, c in enumerate(concepts):
+        if not isinstance(c, Concept):
+            raise SamplingError(f"concept {i} must be an omg.Concept, got {type(c).__name__}")
+
+
+def _load_loras(concepts: Sequence[Concept]) -> list[Optional[LoraFile]]:
+    return [None if c.lora is None else c.lora if isinstance(c.lora, LoraFile) else load_lora(c.lora)
+            for c in concepts]
+
+
+def _concept_conditioning(model: Any, concept: Concept, lora: Optional[LoraFile], negative: Optional[str],
+                          height: int, width: int) -> tuple[Tensor, Tensor]:
+    """[uncond; cond] context and y of a concept, encoded with its text-encoder LoRA (if it has one)."""
+    negative = concept.negative_prompt if concept.negative_prompt is not None else negative
+    negatives = None if negative is None else [negative]
+    if lora is None:
+        return sdxl_conditioning(model, [concept.prompt], negatives, height, width)
+    with text_encoder_lora(model.text, (lora, concept.lora_scale)):
+        return sdxl_conditioning(model, [concept.prompt], negatives, height, width)
+
+
+class Stage1Record:
+    """What stage 1 leaves for stage 2: the replay store (inside `control`), the guided noise predictions of
+    the calls before the blend start, and the stage-1 latents of the blending calls (recompute store)."""
+
+    def __init__(self, control: AttentionControl):
+        self.control = control
+        self.eps_before_blend: list[Tensor] = []
+        self.source_latents: dict[int, Tensor] = {}
+        self.blend_call: Optional[int] = None  # index of the first UNet call of the blending steps
+
+
+class BlendedEps:
+    """Stage 2's guided noise prediction, eps_fn(x, t) of omg.sampling's contract.
+
+    Drive it over the same sigmas and sampler as stage 1, from the first step: calls before the blend start
+    are answered from the stage-1 record (no UNet work); from the blend start on, each call runs the base
+    model with replayed cross-attention and each found concept with its own weights and prompt, and blends
+    the unguided predictions with the masks before guidance. ``denoiser()`` wraps it for k-diffusion samplers.
+    """
+
+    def __init__(self, unet: Any, record: Stage1Record, base_cond: tuple[Tensor, Tensor],
+                 concept_cond: Sequence[tuple[Tensor, Tensor]], weights: Sequence[Optional[ConceptWeights]],
+                 masks: Tensor, active: Sequence[int], guidance: float, guidance_rescale: float = 0.0):
+        self.unet, self.record = unet, record
+        self.base_cond, self.concept_cond, self.weights = base_cond, list(concept_cond), list(weights)
+        self.masks, self.active = masks, list(active)
+        self.union = masks[self.active].sum(0)[None, None] if self.active else masks.new_zeros(1, 1, *masks.shape[1:])
+        self.guidance, self.guidance_rescale = guidance, guidance_rescale
+        self.dtype = next(unet.parameters()).dtype
+        self.calls = 0
+        self.evaluations = 0
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def denoiser(self, schedule: Optional[NoiseSchedule] = None) -> EpsDenoiser:
+        """k-diffusion's model(x, sigma) -> denoised over this blended prediction."""
+        return EpsDenoiser(self, schedule)
+
+    def _unet(self, x: Tensor, t: Tensor, ctx: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        self.evaluations += x.shape[0]
+        return self.unet(x.to(self.dtype), t.expand(x.shape[0]), ctx, y).float().chunk(x.shape[0])
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        n, record, control = self.calls, self.record, self.record.control
+        self.calls += 1
+        if record.blend_call is None or n < record.blend_call:
+            return record.eps_before_blend[n]
+        t = t.reshape(-1)[:1]
+        context, y = self.base_cond
+        control.mode, control.step = "replay", n
+        if control.store == "recompute":  # [uncond, stage-1 cond (source), cond]
+            control.cond_rows, control.source_rows = slice(2, 3), slice(1, 2)
+            base_u, _, base_c = self._unet(torch.cat([x, record.source_latents[n], x]), t,
+                                           torch.cat([context, context[1:]]), torch.cat([y, y[1:]]))
+        else:
+            control.cond_rows = slice(1, 2)
+            base_u, base_c = self._unet(torch.cat([x, x]), t, context, y)
+        control.mode = "plain"
+        eps_u, eps_c = (1 - self.union) * base_u, (1 - self.union) * base_c
+        for i in self.active:
+            ctx_i, y_i = self.concept_cond[i]
+            if self.weights[i] is None:
+                u, c = self._unet(torch.cat([x, x]), t, ctx_i, y_i)
+            else:
+                with self.weights[i].applied(self.unet):
+                    u, c = self._unet(torch.cat([x, x]), t, ctx_i, y_i)
+            m = self.masks[i][None, None]
+            eps_u, eps_c = eps_u + m * u, eps_c + m * c
+        return apply_guidance(eps_u, eps_c, self.guidance, self.guidance_rescale)
+
+
+def run_stage1(unet: Any, noise: Tensor, sigmas: Tensor, base_cond: tuple[Tensor, Tensor], control: AttentionControl,
+               blend_start: int, guidance: float, guidance_rescale: float = 0.0, sampler: str = "ddim",
+               self_replay_steps: int = 0, seed: int = 0, schedule: Optional[NoiseSchedule] = None,
+               progress: bool = True, sampler_options: Optional[dict] = None) -> tuple[Tensor, Tensor, Stage1Record, int]:
+    """Sample the global prompt with the base model, capturing for steps >= blend_start.
+
+    Returns (final latent, latent entering the blend start, record, UNet evaluations at batch 1).
+    """
+    record = Stage1Record(control)
+    context, y = base_cond
+    dtype = next(unet.parameters()).dtype
+    state = {"calls": 0, "steps_done": 0, "evaluations": 0}
+    kept: dict[str, Tensor] = {}
+
+    def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+        n = state["calls"]
+        state["calls"] += 1
+        blending = state["steps_done"] >= blend_start
+        if blending and record.blend_call is None:
+            record.blend_call = n
+        control.mode, control.step, control.cond_rows = "capture", n, slice(1, 2)
+        if blending:
+            control.steps.add(n)
+            if n - record.blend_call < self_replay_steps:
+                control.self_replay_steps.add(n)
+            if control.store == "recompute":
+                record.source_latents[n] = x
+        state["evaluations"] += 2
+        u, c = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), context, y).float().chunk(2)
+        eps = apply_guidance(u, c, guidance, guidance_rescale)
+        if not blending:
+            record.eps_before_blend.append(eps)
+        return eps
+
+    def on_step(info) -> None:  # runs after the first UNet call of step i
+        state["steps_done"] = info.i + 1
+        if info.i == blend_start:
+            kept["x"] = info.x.clone()
+
+    with control:
+        final = run_sampler(eps_fn, noise, sigmas, sampler, schedule=schedule, callback=on_step,
+                            disable=not progress, generator=torch.Generator().manual_seed(seed),
+                            **(sampler_options or {}))
+    return final, kept.get("x", final), record, state["evaluations"]
+
+
+@torch.no_grad()
+def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negative_prompt: Optional[str] =
+             DEFAULT_NEGATIVE, steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0,
+             blend_steps: int = 35, seed: int = 0, height: int = 1024, width: int = 1024, sampler: str = "ddim",
+             spacing: str = "leading", sampler_options: Optional[dict] = None, store: str = "outputs",
+             store_dtype: Optional[torch.dtype] = torch.bfloat16, self_replay_steps: int = 0,
+             sam: Union[str, SamRefiner, None] = None, dilate: int = 0, feather: float = 0.0,
+             strict: bool = False, progress: bool = True) -> Result:
+    """Render `prompt` with every concept's identity inside its region (OMG, Kong et al. 2024).
+
+    concepts: omg.Concept list; each class_name must occur in the prompt (twice for two concepts of one
+    class). blend_steps: blending runs over the last blend_steps of steps (0: the stage-1 image).
+    store: how stage 2 replays stage 1's cross-attention ("outputs", "maps" or "recompute"; see
+    omg.attention); store_dtype None keeps the model dtype. self_replay_steps: also replay self-attention
+    (queries and keys) for this many first blending steps. sam: a segment-anything checkpoint path or
+    SamRefiner to refine the attention masks. Stage 1 and stage 2 use the same seed.
+    """
+    concepts = list(concepts)
+    _validate(model, prompt, concepts, steps, blend_steps, height, width, sampler, store)
+    unet, device = model.unet, model.device
+    dtype = next(unet.parameters()).dtype
+    names = [c.class_name for c in concepts]
+    token_indices = concept_token_indices(prompt, names) if concepts else []
+    user_masks = prepare_user_masks([c.mask for c in concepts], (height, width), names)
+    refiner = SamRefiner(sam, device=device) if isinstance(sam, str) else sam
+    timer = _Timer(device)
+    start = time.perf_counter()
+    # every LoRA is loaded and merged before sampling: one for another base fails here, the model untouched
+    loras = _load_loras(concepts)
+    weights = [None if lora is None else ConceptWeights.merge(unet, (lora, c.lora_scale))
+               for c, lora in zip(concepts, loras)]
+    schedule = NoiseSchedule.sdxl()
+    sigmas = schedule.sampling_sigmas(steps, spacing, to_zero=sampler != "ddim")
+    negatives = None if negative_prompt is None else [negative_prompt]
+    base_cond = sdxl_conditioning(model, [prompt], negatives, height, width)
+    concept_cond = [_concept_conditioning(model, c, lora, negative_prompt, height, width)
+                    for c, lora in zip(concepts, loras)]
+    latent_hw = (height // 8, width // 8)
+    noise = randn_cpu((1, unet.config.in_channels, *latent_hw), torch.Generator().manual_seed(seed), device)
+    flat_tokens = sorted({i for idx in token_indices for i in idx})
+    control = AttentionControl(unet, store, store_dtype=store_dtype or dtype, heatmap_tokens=flat_tokens,
+                               latent_hw=latent_hw)
+    start = timer.lap("setup", start)
+
+    # ---- stage 1 ------------------------------------------------------------------------------------------
+    stage1, blend_start_latent, record, evaluations = run_stage1(
+        unet, noise, sigmas, base_cond, control, steps - blend_steps, guidance, guidance_rescale, sampler,
+        self_replay_steps, seed, schedule, progress, sampler_options)
+    start = timer.lap("stage1", start)
+    stage1_image = latents_to_images(model.vae, stage1)[0]
+    start = timer.lap("decode_stage1", start)
+
+    # ---- masks ------------------------------------------------------------------------------------------
+    heat = None
+    if concepts:
+        maps = control.heatmaps.result()  # [len(flat_tokens), H/8, W/8]
+        heat = torch.stack([maps[[flat_tokens.index(i) for i in idx]].mean(0) for idx in token_indices])
+    concept_masks = make_masks(names, (height, width), heat, classes=names, image=stage1_image, sam=refiner,
+                               user_masks=user_masks, dilate_px=dilate, feather_px=feather, strict=strict)
+    active = [i for i, found in enumerate(concept_masks.found) if found]
+    start = timer.lap("masks", start)
+
+    # ---- stage 2 (with no concept found it still runs: the replayed base pass alone reproduces stage 1) --
+    final = stage1
+    if blend_steps > 0:
+        blended = BlendedEps(unet, record, base_cond, concept_cond, weights, concept_masks.masks.to(device),
+                             active, guidance, guidance_rescale)
+        with control:
+            final = run_sampler(blended, noise, sigmas, sampler, schedule=schedule, disable=not progress,
+                                generator=torch.Generator().manual_seed(seed), **(sampler_options or {}))
+        evaluations += blended.evaluations
+    start = timer.lap("stage2", start)
+    image = latents_to_images(model.vae, final)[0] if blend_steps > 0 else stage1_image
+    timer.lap("decode", start)
+    timer.times["total"] = sum(timer.times.values())
+    return Result(image=image, stage1_image=stage1_image, masks=concept_masks.masks,
+                  heatmaps=concept_masks.heatmaps, concept_masks=concept_masks, latent=final,
+                  stage1_latent=stage1, blend_start_latent=blend_start_latent, timings=timer.times,
+                  unet_evaluations=evaluations, store_bytes=control.stored_bytes())

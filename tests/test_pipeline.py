@@ -1,0 +1,165 @@
+"""The OMG sampler's invariants on a small random SDXL (CPU, fp32).
+
+Each exact check is stated as such (max abs error 0); the others give their float tolerance.
+"""
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import omg
+from omg.errors import LoraError, SamplingError
+from omg.lora import merged_lora, text_encoder_lora
+from omg.masks import SamRefiner
+from omg.model import SDXL
+from omg.pipeline import DEFAULT_NEGATIVE
+from omg.sampling import NoiseSchedule, apply_guidance, run_sampler
+from omg.txt2img import sample_latents, sdxl_conditioning
+from omg.vae import VAEConfig
+
+H, W = 64, 96  # latent 8 x 12
+STEPS, BLEND = 5, 3
+PROMPT = "a man and a woman in a park"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+
+
+def kohya_lora(model, path, seed, rank=4, te=True):
+    """A kohya LoRA over every attention projection of the UNet (SGM names) and CLIP-L's q/v projections."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    modules = {n: m for n, m in model.unet.named_modules() if n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")}
+    if te:
+        modules.update({"te1:" + n: m for n, m in model.text.clip_l.text_model.named_modules()
+                        if n.endswith(("self_attn.q_proj", "self_attn.v_proj"))})
+    for name, m in modules.items():
+        key = ("lora_te1_text_model_" + name[4:] if name.startswith("te1:") else "lora_unet_" + name).replace(".", "_")
+        sd[key + ".lora_down.weight"] = torch.randn(rank, m.in_features, generator=gen) * 0.3
+        sd[key + ".lora_up.weight"] = torch.randn(m.out_features, rank, generator=gen) * 0.3
+        sd[key + ".alpha"] = torch.tensor(float(rank))
+    save_file(sd, str(path))
+    return str(path)
+
+
+def run(model, concepts=(), **kw):
+    prompt = kw.pop("prompt", PROMPT)
+    args = dict(steps=STEPS, blend_steps=BLEND, height=H, width=W, seed=3, progress=False)
+    args.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return omg.generate(model, prompt, list(concepts), **args)
+
+
+def test_zero_blend_steps_is_stage1_and_plain_sdxl(model):
+    r = run(model, [omg.Concept("man", "a photo of sks man")], blend_steps=0)
+    assert torch.equal(r.latent, r.stage1_latent)  # exact
+    plain = sample_latents(model, PROMPT, DEFAULT_NEGATIVE, steps=STEPS, guidance=7.5, seed=3, height=H,
+                           width=W, progress=False)
+    assert torch.equal(r.stage1_latent, plain)  # capturing changes nothing: exact
+    assert r.unet_evaluations == 2 * STEPS
+
+
+@pytest.mark.parametrize("store,tol,sampler", [("outputs", 0.0, "ddim"), ("recompute", 0.0, "ddim"),
+                                               ("maps", 1e-5, "ddim"), ("outputs", 0.0, "dpmpp_2m"),
+                                               ("outputs", 0.0, "euler_ancestral")])
+def test_replay_without_concepts_is_stage1(model, store, tol, sampler):
+    r = run(model, store=store, store_dtype=None, sampler=sampler)
+    assert (r.latent - r.stage1_latent).abs().max().item() <= tol
+    assert r.unet_evaluations == 2 * STEPS + (3 if store == "recompute" else 2) * BLEND
+
+
+def test_full_mask_concept_is_that_concept_models_own_trajectory(model, tmp_path):
+    lora = kohya_lora(model, tmp_path / "a.safetensors", seed=1)
+    concept = omg.Concept("man", "a photo of sks man", lora=lora, negative_prompt="bad", mask=(0, 0, W, H))
+    r = run(model, [concept])
+    assert r.masks.shape == (1, H // 8, W // 8) and bool((r.masks == 1).all())
+    schedule = NoiseSchedule.sdxl()
+    with text_encoder_lora(model.text, (lora, 0.8)):
+        ctx, y = sdxl_conditioning(model, [concept.prompt], ["bad"], H, W)
+    with merged_lora(model.unet, (lora, 0.8)):
+        def eps_fn(x, t):
+            u, c = model.unet(torch.cat([x, x]), torch.cat([t, t]), ctx, y).chunk(2)
+            return apply_guidance(u, c, 7.5)
+        own = run_sampler(eps_fn, r.blend_start_latent, schedule.sampling_sigmas(STEPS, "leading", to_zero=False),
+                          "ddim", start=STEPS - BLEND, disable=True)
+    assert (r.latent - own).abs().max().item() <= 1e-5
+    assert (r.latent - r.stage1_latent).abs().max().item() > 1e-2  # the concept did change the image
+
+
+def test_store_modes_agree_and_concepts_change_only_their_regions(model, tmp_path):
+    loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
+    concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 40, 64)),
+                omg.Concept("woman", "a photo of xyz woman", lora=loras[1], mask=(48, 0, 96, 64))]
+    results = {s: run(model, concepts, store=s, store_dtype=None) for s in ("outputs", "maps", "recompute")}
+    ref = results["outputs"].latent
+    assert (results["recompute"].latent - ref).abs().max().item() <= 1e-5
+    assert (results["maps"].latent - ref).abs().max().item() <= 1e-4
+    bf16 = run(model, concepts)  # the default store: bf16 outputs
+    assert (bf16.latent - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+    assert bf16.store_bytes < results["outputs"].store_bytes
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_one_to_five_concepts(model, k):
+    prompt = "a man, a woman, a dog, a cat and a robot in a park"
+    classes = ["man", "woman", "dog", "cat", "robot"][:k]
+    r = run(model, [omg.Concept(c, f"a photo of sks {c}") for c in classes], prompt=prompt)
+    assert r.masks.shape == (k, H // 8, W // 8)
+    assert ((r.masks > 0).sum(0) <= 1).all()  # no latent pixel belongs to two concepts
+    assert (r.masks.sum(0) <= 1 + 1e-6).all()
+    found = sum(r.concept_masks.found)
+    assert r.unet_evaluations == 2 * STEPS + 2 * (1 + found) * BLEND
+    assert r.image.size == (W, H) and r.stage1_image.size == (W, H)
+    assert set(r.timings) >= {"stage1", "masks", "stage2", "decode"}
+
+
+def test_two_concepts_of_the_same_class_get_distinct_regions(model):
+    r = run(model, [omg.Concept("man", "a photo of sks man"), omg.Concept("man", "a photo of xyz man")],
+            prompt="a man and a man in a park")
+    assert all(r.concept_masks.found)
+    assert not (r.masks[0] > 0).logical_and(r.masks[1] > 0).any()
+
+
+def test_sam_refinement_runs_end_to_end(model):
+    from test_masks import tiny_sam
+    refiner = SamRefiner(tiny_sam())
+    r = run(model, [omg.Concept("man", "a photo of sks man"), omg.Concept("woman", "a photo of xyz woman")],
+            sam=refiner)
+    assert r.masks.shape == (2, H // 8, W // 8)
+    assert ((r.masks > 0).sum(0) <= 1).all()
+
+
+def test_bad_input_is_rejected_before_sampling(model, tmp_path, monkeypatch):
+    def no_unet(*a, **k):
+        raise AssertionError("sampling started")
+    monkeypatch.setattr(model.unet, "forward", no_unet)
+    man = omg.Concept("man", "a photo of sks man")
+    with pytest.raises(ValueError, match="dog"):
+        run(model, [omg.Concept("dog", "a photo of sks dog")])
+    sd15 = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(320, 4)}
+    save_file(sd15, str(tmp_path / "sd15.safetensors"))
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with pytest.raises(LoraError):
+        run(model, [omg.Concept("man", "x", lora=str(tmp_path / "sd15.safetensors"))])
+    assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
+    with pytest.raises(ValueError, match="man"):
+        run(model, [omg.Concept("man", "x", mask=torch.ones(7, 7))])
+    with pytest.raises(SamplingError, match="multiples of 8"):
+        run(model, [man], height=60)
+    with pytest.raises(SamplingError, match="blend_steps"):
+        run(model, [man], blend_steps=STEPS + 1)
+    with pytest.raises(SamplingError, match="steps"):
+        run(model, [man], steps=0, blend_steps=0)
+
+
+def test_blended_denoiser_drives_a_k_diffusion_sampler(model):
+    """BlendedEps.denoiser() is a k-diffusion model(x, sigma); driving it again reproduces stage 2."""
+    from omg import pipeline
+    r = run(model, [omg.Concept("man", "a photo of sks man", mask=(0, 0, 48, 64))], sampler="euler")
+    assert (r.latent - r.stage1_latent).abs().max() > 0
+    assert hasattr(pipeline.BlendedEps, "denoiser")
