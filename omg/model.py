@@ -1,0 +1,164 @@
+"""The SDXL bundle (UNet, VAE, both text encoders), loading from any supported layout, and saving SGM files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from omg import checkpoint, keymap
+from omg.errors import CheckpointError
+from omg.unet import UNet, UNetConfig
+from omg.vae import AutoencoderKL, VAEConfig
+
+
+@dataclass
+class SDXL:
+    """An SDXL model: the UNet always; VAE and text encoders when the checkpoint had them."""
+
+    unet: UNet
+    vae: Optional[AutoencoderKL] = None
+    text: Optional["SDXLTextEncoder"] = None  # noqa: F821 (omg.text is imported lazily: it pulls in open_clip)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's (and text encoders') dtype; the VAE may differ (never fp16)."""
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def size_embed_dim(self) -> int:
+        """Width of each of the six size embeddings in the UNet's y vector (256 for SDXL)."""
+        if self.text is None:
+            return 256
+        extra = self.unet.config.adm_in_channels - self.text.clip_g.config.projection_dim
+        return extra // 6
+
+    def components(self) -> dict[str, nn.Module]:
+        return {k: m for k, m in (("unet", self.unet), ("vae", self.vae), ("text", self.text)) if m is not None}
+
+    def sgm_state_dict(self) -> dict[str, Tensor]:
+        """Every tensor under its SGM single-file key (prefixes added)."""
+        out = {keymap.SGM_PREFIXES["unet"] + k: t for k, t in self.unet.state_dict().items()}
+        if self.vae is not None:
+            out.update({keymap.SGM_PREFIXES["vae"] + k: t for k, t in self.vae.state_dict().items()})
+        if self.text is not None:
+            for k, t in self.text.state_dict().items():
+                enc, rest = k.split(".", 1)
+                out[keymap.SGM_PREFIXES[enc] + rest] = t
+        return out
+
+    def configs(self) -> dict[str, dict]:
+        """The configs as plain dicts (what save_sgm stores in the file's metadata)."""
+        out = {"unet": dataclasses.asdict(self.unet.config)}
+        if self.vae is not None:
+            out["vae"] = dataclasses.asdict(self.vae.config)
+        if self.text is not None:
+            out["clip_l"] = dataclasses.asdict(self.text.clip_l.config)
+            out["clip_g"] = dataclasses.asdict(self.text.clip_g.config)
+        return out
+
+    @classmethod
+    def random(cls, unet_config: Optional[UNetConfig] = None, vae_config: Optional[VAEConfig] = None,
+               text_configs: Optional[tuple] = None, seed: int = 0, device: Union[str, torch.device] = "cpu",
+               dtype: torch.dtype = torch.float32, size_embed_dim: int = 4, with_vae: bool = True,
+               with_text: bool = True) -> "SDXL":
+        """A small random model (tiny configs by default) for tests; the UNet's context and y widths follow the
+        text encoders: context = CLIP-L width + bigG width, adm = bigG projection + 6 * size_embed_dim.
+
+        Every parameter, norms included, gets a distinct random perturbation so that swapped keys show.
+        """
+        from omg.text import SDXLTextEncoder, TextEncoderConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text = None
+            if with_text:
+                l_cfg, g_cfg = text_configs or (TextEncoderConfig.tiny_l(), TextEncoderConfig.tiny_g())
+                text = SDXLTextEncoder(l_cfg, g_cfg)
+            unet_config = unet_config or UNetConfig.tiny()
+            if text is not None:
+                unet_config = dataclasses.replace(
+                    unet_config, context_dim=l_cfg.width + g_cfg.width,
+                    adm_in_channels=g_cfg.projection_dim + 6 * size_embed_dim)
+            unet = UNet(unet_config)
+            vae = AutoencoderKL(vae_config or VAEConfig.tiny()) if with_vae else None
+            for module in (unet, vae, text):
+                if module is None:
+                    continue
+                with torch.no_grad():
+                    for p in module.parameters():
+                        p.add_(0.02 * torch.randn_like(p))
+        model = cls(unet, vae, text)
+        for module in model.components().values():
+            module.to(device=device, dtype=AutoencoderKL.safe_dtype(dtype, device) if module is vae else dtype)
+            module.eval()
+        return model
+
+
+def build_random_sdxl(**kwargs) -> SDXL:
+    """Same as SDXL.random(**kwargs)."""
+    return SDXL.random(**kwargs)
+
+
+def load_sdxl(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+              dtype: torch.dtype = torch.float16, vae_dtype: Optional[torch.dtype] = None) -> SDXL:
+    """Load an SGM single file, a diffusers folder, or a UNet-only file (SGM or diffusers layout).
+
+    Configs come from the tensor shapes; every key and shape is checked against modules built on the meta
+    device before any tensor is read, so a bad file raises one CheckpointError and nothing is built.
+    Tensors go straight to device: UNet and text encoders in dtype, the VAE in vae_dtype (default: the
+    VAE's safe dtype for dtype, i.e. bf16 on CUDA / fp32 on CPU instead of fp16).
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, not {dtype!r}")
+    device = torch.device(device)
+    vae_dtype = AutoencoderKL.safe_dtype(vae_dtype or dtype, device)
+    with checkpoint.open_checkpoint(path) as ckpt:
+        plans = checkpoint.plan_checkpoint(ckpt)
+        _check_consistency(ckpt.path, plans)
+        modules = {name: checkpoint.materialize(plan, device, vae_dtype if name == "vae" else dtype)
+                   for name, plan in plans.items()}
+    return SDXL(modules["unet"], modules.get("vae"), modules.get("text"))
+
+
+def _check_consistency(path: str, plans: dict[str, checkpoint.Plan]) -> None:
+    """The UNet must take what the text encoders produce: context width and the y vector."""
+    if "text" not in plans:
+        return
+    unet, (l_cfg, g_cfg) = plans["unet"].config, plans["text"].config
+    problems = []
+    if unet.context_dim != l_cfg.width + g_cfg.width:
+        problems.append(f"UNet context width {unet.context_dim} != CLIP-L {l_cfg.width} + bigG {g_cfg.width}")
+    extra = unet.adm_in_channels - (g_cfg.projection_dim or 0)
+    if extra <= 0 or extra % 6:
+        problems.append(f"UNet y width {unet.adm_in_channels} is not bigG projection {g_cfg.projection_dim} "
+                        f"+ 6 size embeddings")
+    if problems:
+        raise CheckpointError(f"{path}: the components do not fit together: " + "; ".join(problems))
+
+
+def save_sgm(model: SDXL, path: Union[str, os.PathLike]) -> None:
+    """Write model as one SGM single-file .safetensors (configs in its metadata); atomic (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tensors = {k: t.detach().contiguous().cpu() for k, t in model.sgm_state_dict().items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".omg-", suffix=".safetensors.tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"omg.config": json.dumps(model.configs())})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
