@@ -11,10 +11,8 @@ import gc
 
 import torch
 
-from bench.common import device_name, peak_memory_gib, time_ms, write_json
+from bench.common import DTYPES, device_name, peak_memory_gib, time_ms, write_json
 from omg.unet import UNet, UNetConfig, timestep_embedding
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def diffusers_sdxl_config(cfg: UNetConfig) -> dict:
@@ -83,26 +81,33 @@ def main() -> None:
             pooled = torch.randn(batch, 1280, generator=gen).to("cuda", dtype)
             time_ids = torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, dtype=torch.float32, device="cuda")
             y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), 256).reshape(batch, -1).to(dtype)], 1)
-            outputs = {}
-            for impl in ("omg", "diffusers"):
-                model = build_ours(cfg, sd, dtype) if impl == "omg" else build_diffusers(cfg, sd, dtype)
-                if impl == "omg":
-                    call = lambda: model(x, t, ctx, y)  # noqa: E731
-                else:
-                    call = lambda: model(x, t, ctx, added_cond_kwargs={"text_embeds": pooled,  # noqa: E731
-                                                                      "time_ids": time_ids}).sample
-                with torch.inference_mode():
-                    ms = time_ms(call, iters=args.iters)
-                    peak = peak_memory_gib(call)
+            models = {"omg": build_ours(cfg, sd, dtype), "diffusers": build_diffusers(cfg, sd, dtype)}
+            calls = {"omg": lambda: models["omg"](x, t, ctx, y),
+                     "diffusers": lambda: models["diffusers"](x, t, ctx, added_cond_kwargs={
+                         "text_embeds": pooled, "time_ids": time_ids}).sample}
+            times = {impl: [] for impl in calls}
+            outputs, peaks = {}, {}
+            with torch.inference_mode():
+                for _ in range(3):  # interleaved rounds: both see the same clocks and neighbours
+                    for impl, call in calls.items():
+                        times[impl].append(time_ms(call, iters=args.iters))
+                for impl, call in calls.items():
+                    weights = sum(p.numel() * p.element_size() for p in models[impl].parameters())
+                    before = torch.cuda.memory_allocated()
+                    # the peak this model alone would need: its weights plus what the forward allocates
+                    peaks[impl] = (peak_memory_gib(call) * 2**30 - before + weights) / 2**30
                     outputs[impl] = call().float()
+            for impl in calls:
+                ms, peak = min(times[impl]), peaks[impl]
                 tflops = flops_per_sample * batch / (ms / 1e3) / 1e12
                 rows.append(dict(impl=impl, dtype=dtype_name, batch=batch, ms=round(ms, 2),
-                                 peak_gib=round(peak, 2), tflops=round(tflops, 1)))
+                                 ms_rounds=[round(v, 2) for v in times[impl]], peak_gib=round(peak, 2),
+                                 tflops=round(tflops, 1)))
                 print(f"{impl:9s} {dtype_name} batch {batch}: {ms:8.2f} ms/forward  peak {peak:6.2f} GiB  "
                       f"{tflops:6.1f} TFLOP/s", flush=True)
-                del model, call
-                gc.collect()
-                torch.cuda.empty_cache()
+            del models, calls
+            gc.collect()
+            torch.cuda.empty_cache()
             diff = (outputs["omg"] - outputs["diffusers"]).abs().max().item()
             scale = outputs["diffusers"].abs().max().item()
             ratio = rows[-1]["ms"] / rows[-2]["ms"]
