@@ -81,6 +81,7 @@ def sample_latents(model: Any, prompt: Prompts, negative_prompt: Optional[Prompt
                        disable=not progress, generator=generators, **(sampler_options or {}))
 
 
+@torch.no_grad()
 def latents_to_images(vae: Any, latents: Tensor) -> list[Image.Image]:
     """VAE-decode latents and convert [-1, 1] to 8-bit RGB PIL images."""
     images = vae.decode(latents).float().clamp(-1, 1)
