@@ -4,10 +4,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from typing import Callable
 
-import torch
+# `python bench/X.py` puts bench/ first on sys.path, where omg.py (the OMG sampler's benchmark) would shadow
+# the omg package: take the folder off the path before anything imports omg. `python -m bench.X` needs none.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import torch  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -5,7 +5,7 @@ held in memory), loads it with load_sdxl(device="cpu", dtype=float16) in a fresh
 peak RSS (ru_maxrss) against the file size, with the anonymous and file-backed parts sampled from
 /proc/self/status during the load. The file is deleted afterwards unless --keep.
 
-    python bench/load_rss.py [--dir /tmp] [--keep] [--device cuda]  # -> bench/results/load_rss_{cpu,cuda}.json
+    python -m bench.load_rss [--dir /tmp] [--keep] [--device cuda]  # -> bench/results/load_rss_{cpu,cuda}.json
 
 Reading: RSS counts the pages of the mapped file that were touched as well as the process's own memory
 (RssAnon). The loader copies each tensor out of a private mapping and drops that tensor's pages right

@@ -10,7 +10,7 @@ SDXL; --locon adds the 66 ResBlock/sampler convs) is written to a temporary .saf
                (UnmergedLora hooks)
   diffusers    lora_state_dict + UNet2DConditionModel.load_lora_adapter + fuse_lora (what the pipeline's
                load_lora_weights + fuse_lora do for the UNet), GPU only unless --diffusers
-Run:  python bench/lora.py [--config sdxl|mid] [--ranks 64 256] [--dtype fp16] [--latent 128] [--locon]
+Run:  python -m bench.lora [--config sdxl|mid] [--ranks 64 256] [--dtype fp16] [--latent 128] [--locon]
 Writes bench/results/lora_<gpu|cpu>.json.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from bench.common import device_name, write_json
 from omg.lora import ConceptWeights, UnmergedLora, load_lora, merge_lora_
-from omg.unet import UNet, UNetConfig
+from omg.unet import SpatialTransformer, UNet, UNetConfig
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CONFIGS = {
@@ -89,8 +89,9 @@ def kohya_lora(unet, rank, locon, seed=1):
     """{key: tensor} of a kohya LoRA (fp16, alpha = rank/2) on every kohya target of unet."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
+    transformers = [n + "." for n, m in unet.named_modules() if isinstance(m, SpatialTransformer)]
     for name, m in unet.named_modules():
-        in_transformer = ".1." in name or name.startswith("middle_block.1.")
+        in_transformer = name.startswith(tuple(transformers))
         conv_target = any(s in name for s in ("in_layers.2", "out_layers.3", "emb_layers.1", "skip_connection",
                                               ".0.op", ".2.conv", ".1.conv"))
         if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or not (in_transformer or locon and conv_target):

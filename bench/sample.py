@@ -3,7 +3,7 @@ peak memory, omg vs the same loop driven through diffusers' UNet2DConditionModel
 
 Both use the same weights, the same conditioning and the same initial noise; the diffusers side decodes
 with diffusers' AutoencoderKL upcast to fp32 (what its SDXL pipeline does for the stock VAE), ours in bf16.
-Run on the GPU machine:  python bench/sample.py [--steps 50] [--dtype fp16]  -> bench/results/sample_<gpu>.json
+Run on the GPU machine:  python -m bench.sample [--steps 50] [--dtype fp16]  -> bench/results/sample_<gpu>.json
 """
 from __future__ import annotations
 

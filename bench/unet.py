@@ -1,7 +1,7 @@
 """Full-size SDXL UNet forward: ms per forward and peak memory, ours vs diffusers' UNet2DConditionModel.
 
 Random weights (the same for both), 1024x1024 (128x128 latent), fp16 and bf16, batch 2 and 8.
-Run on the GPU machine:  python bench/unet.py  [--batches 2 8] [--dtypes fp16 bf16]
+Run on the GPU machine:  python -m bench.unet  [--batches 2 8] [--dtypes fp16 bf16]
 Writes bench/results/unet_<gpu>.json.
 """
 from __future__ import annotations

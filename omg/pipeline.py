@@ -56,6 +56,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     unet_evaluations: int = 0  # at batch 1: a CFG pass of one model counts 2
     store_bytes: int = 0
+    stage2: Optional["BlendedEps"] = None  # kept on request (keep_stage2=True): it holds the store and weights
 
 
 class _Timer:
@@ -127,7 +128,10 @@ class BlendedEps:
     Drive it over the same sigmas and sampler as stage 1, from the first step: calls before the blend start
     are answered from the stage-1 record (no UNet work); from the blend start on, each call runs the base
     model with replayed cross-attention and each found concept with its own weights and prompt, and blends
-    the unguided predictions with the masks before guidance. ``denoiser()`` wraps it for k-diffusion samplers.
+    the unguided predictions with the masks before guidance. ``denoiser()`` wraps it for k-diffusion samplers:
+
+        with blended.record.control:       # the replay processors on the UNet
+            x = k_diffusion.sampling.sample_euler(blended.denoiser(), noise * sigmas[0], sigmas)
     """
 
     def __init__(self, unet: Any, record: Stage1Record, base_cond: tuple[Tensor, Tensor],
@@ -232,18 +236,25 @@ def run_stage1(unet: Any, noise: Tensor, sigmas: Tensor, base_cond: tuple[Tensor
 def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negative_prompt: Optional[str] =
              DEFAULT_NEGATIVE, steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0,
              blend_steps: int = 35, seed: int = 0, height: int = 1024, width: int = 1024, sampler: str = "ddim",
-             spacing: str = "leading", sampler_options: Optional[dict] = None, store: str = "outputs",
+             spacing: str = "leading", sampler_options: Optional[dict] = None, store: str = "recompute",
              store_dtype: Optional[torch.dtype] = torch.bfloat16, self_replay_steps: int = 0,
              sam: Union[str, SamRefiner, None] = None, dilate: int = 0, feather: float = 0.0,
-             strict: bool = False, progress: bool = True) -> Result:
+             strict: bool = False, progress: bool = True, keep_stage2: bool = False) -> Result:
     """Render `prompt` with every concept's identity inside its region (OMG, Kong et al. 2024).
 
     concepts: omg.Concept list; each class_name must occur in the prompt (twice for two concepts of one
     class). blend_steps: blending runs over the last blend_steps of steps (0: the stage-1 image).
-    store: how stage 2 replays stage 1's cross-attention ("outputs", "maps" or "recompute"; see
-    omg.attention); store_dtype None keeps the model dtype. self_replay_steps: also replay self-attention
-    (queries and keys) for this many first blending steps. sam: a segment-anything checkpoint path or
-    SamRefiner to refine the attention masks. Stage 1 and stage 2 use the same seed.
+    store: how stage 2 replays stage 1's cross-attention ("recompute", "outputs" or "maps"; see
+    omg.attention); "recompute" is the default: on one H100 at 1024x1024 with two concepts it needs no store
+    (the others keep 6.8 and 8.2 GiB) and was the fastest (11.5 s against 14.4 s for "outputs", the base
+    pass runs at batch 3 instead of 2 and the GPU is far from full at batch 2; bench/results/omg_h100.json).
+    store_dtype (for "outputs"/"maps") None keeps the model dtype. self_replay_steps: also replay self-attention
+    (queries and keys) for this many first blending steps; off by default: the paper replays the
+    cross-attention maps, the original code's 4 self-attention steps come from prompt-to-prompt's editing
+    default, they only touch the base pass (used outside the masks), and with a stored replay they cost
+    1.6 GiB of queries and keys at 1024x1024 and 0.7 s (H100, bench/results/omg_h100.json). sam: a segment-anything checkpoint path or
+    SamRefiner to refine the attention masks. Stage 1 and stage 2 use the same seed. keep_stage2: return
+    stage 2's BlendedEps in result.stage2 so that another sampler can drive it (see BlendedEps).
     """
     concepts = list(concepts)
     _validate(model, prompt, concepts, steps, blend_steps, height, width, sampler, store)
@@ -291,7 +302,7 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     start = timer.lap("masks", start)
 
     # ---- stage 2 (with no concept found it still runs: the replayed base pass alone reproduces stage 1) --
-    final = stage1
+    final, blended = stage1, None
     if blend_steps > 0:
         blended = BlendedEps(unet, record, base_cond, concept_cond, weights, concept_masks.masks.to(device),
                              active, guidance, guidance_rescale)
@@ -306,4 +317,5 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     return Result(image=image, stage1_image=stage1_image, masks=concept_masks.masks,
                   heatmaps=concept_masks.heatmaps, concept_masks=concept_masks, latent=final,
                   stage1_latent=stage1, blend_start_latent=blend_start_latent, timings=timer.times,
-                  unet_evaluations=evaluations, store_bytes=control.stored_bytes())
+                  unet_evaluations=evaluations, store_bytes=control.stored_bytes(),
+                  stage2=blended if keep_stage2 else None)

@@ -98,9 +98,10 @@ def test_store_modes_agree_and_concepts_change_only_their_regions(model, tmp_pat
     ref = results["outputs"].latent
     assert (results["recompute"].latent - ref).abs().max().item() <= 1e-5
     assert (results["maps"].latent - ref).abs().max().item() <= 1e-4
-    bf16 = run(model, concepts)  # the default store: bf16 outputs
+    bf16 = run(model, concepts, store="outputs")  # store_dtype defaults to bf16
     assert (bf16.latent - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
     assert bf16.store_bytes < results["outputs"].store_bytes
+    assert results["recompute"].store_bytes == 0 and run(model, concepts).store_bytes == 0  # the default
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
@@ -158,8 +159,17 @@ def test_bad_input_is_rejected_before_sampling(model, tmp_path, monkeypatch):
 
 
 def test_blended_denoiser_drives_a_k_diffusion_sampler(model):
-    """BlendedEps.denoiser() is a k-diffusion model(x, sigma); driving it again reproduces stage 2."""
-    from omg import pipeline
-    r = run(model, [omg.Concept("man", "a photo of sks man", mask=(0, 0, 48, 64))], sampler="euler")
-    assert (r.latent - r.stage1_latent).abs().max() > 0
-    assert hasattr(pipeline.BlendedEps, "denoiser")
+    """result.stage2.denoiser() is a k-diffusion model(x, sigma); k-diffusion's own sample_euler driving it
+    from the first step reproduces stage 2."""
+    from k_diffusion.sampling import sample_euler
+    from omg.sampling import randn_cpu
+    r = run(model, [omg.Concept("man", "a photo of sks man", mask=(0, 0, 48, 64))], sampler="euler",
+            keep_stage2=True)
+    assert (r.latent - r.stage1_latent).abs().max() > 1e-3
+    blended = r.stage2
+    blended.reset()
+    sigmas = NoiseSchedule.sdxl().sampling_sigmas(STEPS, "leading", to_zero=True).float()
+    noise = randn_cpu((1, 4, H // 8, W // 8), torch.Generator().manual_seed(3))
+    with torch.no_grad(), blended.record.control:
+        x = sample_euler(blended.denoiser(), noise * (1 + sigmas[0] ** 2).sqrt(), sigmas, disable=True)
+    assert (x - r.latent).abs().max().item() <= 1e-5

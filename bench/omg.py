@@ -1,0 +1,113 @@
+"""A k-concept OMG image with full-size SDXL (random weights) at 1024x1024, 50 DDIM steps, blending over the
+last 35, rank-64 kohya LoRAs on every kohya target: seconds per stage, UNet evaluations, peak memory, the
+replay store's size, for each replay store mode.
+
+Random weights make the attention masks meaningless, so each concept gets a user box (a strip of the image):
+the work per step is what real masks would cost.
+Run on the GPU machine:  python -m bench.omg [--concepts 1 2 5] [--stores outputs recompute maps]
+Writes bench/results/omg_<gpu>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: bench/ on sys.path would shadow the omg package with this file
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import torch  # noqa: E402
+
+from bench.common import DTYPES, device_name, write_json  # noqa: E402
+from bench.lora import kohya_lora, random_unet  # noqa: E402
+from omg.lora import load_lora  # noqa: E402
+from omg.model import SDXL  # noqa: E402
+from omg.pipeline import Concept, generate  # noqa: E402
+from omg.text import SDXLTextEncoder  # noqa: E402
+from omg.unet import UNetConfig  # noqa: E402
+from omg.vae import AutoencoderKL, VAEConfig  # noqa: E402
+
+TFLOP_PER_EVAL = 6.76  # one UNet forward at batch 1, 1024x1024 (torch FLOP counter)
+H100_BF16_DENSE = 989.0
+CLASSES = ["man", "woman", "dog", "cat", "robot"]
+PROMPT = "a man, a woman, a dog, a cat and a robot in a park"
+
+
+def random_sdxl(dtype: torch.dtype) -> SDXL:
+    unet = random_unet(UNetConfig.sdxl(), "cuda", dtype)
+    with torch.device("cuda"):
+        vae = AutoencoderKL(VAEConfig.sdxl()).to(dtype)  # stored in bf16: the VAE never holds fp16
+        text = SDXLTextEncoder.sdxl().to(dtype)
+    for module in (unet, vae, text):
+        module.requires_grad_(False)
+    return SDXL(unet, vae.eval(), text.eval())
+
+
+def boxes(k: int, size: int = 1024) -> list[tuple[int, int, int, int]]:
+    """k vertical strips, each a concept's region."""
+    edges = [round(i * size / k) for i in range(k + 1)]
+    return [(edges[i], 0, edges[i + 1], size) for i in range(k)]
+
+
+def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0) -> dict:
+    concepts = [Concept(CLASSES[i], f"a photo of sks {CLASSES[i]}", lora=loras[i], mask=box)
+                for i, box in enumerate(boxes(k))]
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
+    result = generate(model, PROMPT, concepts, steps=args.steps, blend_steps=args.blend_steps, height=1024,
+                      width=1024, store=store, self_replay_steps=self_replay, progress=False)
+    peak = torch.cuda.max_memory_allocated()
+    t = result.timings
+    seconds = t["total"]
+    row = dict(k=k, store=store, self_replay_steps=self_replay, seconds=round(seconds, 3), timings={n: round(v, 3) for n, v in t.items()},
+               unet_evaluations=result.unet_evaluations, peak_gib=round(peak / 2**30, 2),
+               peak_above_model_gib=round((peak - resident) / 2**30, 2),
+               store_gib=round(result.store_bytes / 2**30, 3),
+               utilisation=round(result.unet_evaluations * TFLOP_PER_EVAL / seconds / H100_BF16_DENSE, 3))
+    print(f"k={k} store={store:9s} self-replay {self_replay}: {seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
+          f"stage2 {t['stage2']:.2f}, decode {t['decode'] + t['decode_stage1']:.2f}, setup {t['setup']:.2f}); "
+          f"{result.unet_evaluations} evals; peak {row['peak_gib']:.2f} GiB; store {row['store_gib']:.2f} GiB; "
+          f"utilisation {row['utilisation']:.1%}", flush=True)
+    del result
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concepts", type=int, nargs="+", default=[1, 2, 5])
+    parser.add_argument("--stores", nargs="+", default=["outputs", "maps"], help="compared with the default")
+    parser.add_argument("--store-k", type=int, default=2, help="k at which the store modes are compared")
+    parser.add_argument("--self-replay", type=int, default=4, help="a k=store_k row with this many self-replay steps")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--blend-steps", type=int, default=35)
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    args = parser.parse_args()
+    model = random_sdxl(DTYPES[args.dtype])
+    loras = [load_lora(kohya_lora(model.unet, 64, locon=False, seed=i + 1), device="cuda")
+             for i in range(max(args.concepts + [args.store_k]))]
+    run(model, loras, 1, "recompute", args)  # warm-up
+    rows = [run(model, loras, k, "recompute", args) for k in args.concepts]  # the default store
+    rows += [run(model, loras, args.store_k, s, args) for s in args.stores if s != "recompute"]
+    if args.self_replay:
+        rows.append(run(model, loras, args.store_k, "recompute", args, self_replay=args.self_replay))
+    by_k = {r["k"]: r for r in rows if r["store"] == "recompute" and not r["self_replay_steps"]}
+    summary = {}
+    if 1 in by_k and 5 in by_k:
+        summary["time_k5_over_k1"] = round(by_k[5]["seconds"] / by_k[1]["seconds"], 3)
+    ks = sorted(by_k)
+    if len(ks) > 1:
+        growth = (by_k[ks[-1]]["peak_gib"] - by_k[ks[0]]["peak_gib"]) / (ks[-1] - ks[0])
+        summary["peak_growth_per_concept_gib"] = round(growth, 3)
+    print(summary)
+    path = write_json("omg", {"steps": args.steps, "blend_steps": args.blend_steps, "dtype": args.dtype,
+                              "resolution": 1024, "lora_rank": 64, "rows": rows, "summary": summary,
+                              "note": "random weights; user boxes as masks; eager PyTorch"})
+    print("wrote", path, "on", device_name())
+
+
+if __name__ == "__main__":
+    main()
