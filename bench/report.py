@@ -1,0 +1,119 @@
+"""Markdown tables from bench/results/*.json, and the README's performance section rewritten from them.
+
+    python -m bench.report                 # print the tables
+    python -m bench.report --update-readme # replace the text between the README's BENCH markers
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+BEGIN, END = "<!-- BENCH:BEGIN (python -m bench.report --update-readme) -->", "<!-- BENCH:END -->"
+GIB = 2**30
+
+
+def _load(name: str) -> list[dict]:
+    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(RESULTS, f"{name}_*.json")))
+            if not p.endswith("_cpu.json")]
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def unet_section(d: dict) -> str:
+    by = {(r["impl"], r["dtype"], r["batch"]): r for r in d["rows"]}
+    rows = []
+    for (impl, dtype, batch), r in by.items():
+        if impl != "omg":
+            continue
+        theirs = by[("diffusers", dtype, batch)]
+        rows.append([dtype, batch, r["ms"], theirs["ms"], f"{theirs['ms'] / r['ms']:.2f}x", r["tflops"],
+                     r["peak_gib"], theirs["peak_gib"]])
+    return (f"`python -m bench.unet`: one SDXL UNet forward at 1024x1024, eager PyTorch with SDPA, best of 3 "
+            f"interleaved rounds; outputs of the two are identical (max abs difference "
+            f"{max(r.get('max_abs_diff_vs_diffusers', 0) for r in d['rows'])}).\n\n"
+            + _table(["dtype", "batch", "omg ms", "diffusers ms", "speed-up", "omg TFLOP/s", "omg peak GiB",
+                      "diffusers peak GiB"], rows))
+
+
+def sample_section(d: dict) -> str:
+    o, t = d["rows"]["omg"], d["rows"]["diffusers"]
+    return (f"`python -m bench.sample`: text to image, {d['steps']} DDIM steps, CFG, {d['dtype']}, 1024x1024 "
+            f"(text encoding, sampling, VAE decode).\n\n"
+            + _table(["", "s/image", "peak GiB"], [["omg", f"{o['seconds']:.2f}", f"{o['peak_gib']:.2f}"],
+                                                   ["diffusers UNet + DDIMScheduler", f"{t['seconds']:.2f}",
+                                                    f"{t['peak_gib']:.2f}"]]))
+
+
+def lora_section(d: dict) -> str:
+    rows = []
+    for name, run in d["runs"].items():
+        o, t = run["ours"], run["diffusers"]
+        rows.append([name.replace("rank", ""), o["lora_modules"], f"{o['load_s']:.2f}", f"{o['merge_s']:.2f}",
+                     f"{o['concept_bytes'] / GIB:.2f}", f"{o['touched_bytes'] / GIB:.2f}",
+                     f"{t['load_s']:.2f}", f"{t['fuse_s']:.2f}", f"{o['swap_in_out_s'] * 1e3:.1f}",
+                     f"{o['forward_base_s'] * 1e3:.0f} / {o['forward_swapped_s'] * 1e3:.0f} / "
+                     f"{o['forward_unmerged_s'] * 1e3:.0f}"])
+    return ("`python -m bench.lora`: a random kohya LoRA on every kohya target of the SDXL UNet; the concept's "
+            "merged tensors (default mode) against the bytes its LoRA touches; diffusers = `lora_state_dict` + "
+            "`load_lora_adapter` + `fuse_lora`.\n\n"
+            + _table(["rank", "modules", "omg load s", "omg merge s", "concept GiB", "touched GiB",
+                      "diffusers load s", "diffusers fuse s", "swap in+out ms",
+                      "forward ms base / swapped / unmerged (batch 2)"], rows))
+
+
+def omg_section(d: dict) -> str:
+    rows = []
+    for r in d["rows"]:
+        t = r["timings"]
+        rows.append([r["k"], r["store"] + (f" + self-replay {r['self_replay_steps']}" if r["self_replay_steps"] else ""),
+                     f"{r['seconds']:.2f}", f"{t['stage1']:.2f}", f"{t['masks']:.2f}", f"{t['stage2']:.2f}",
+                     f"{t['decode'] + t['decode_stage1']:.2f}", r["unet_evaluations"], f"{r['peak_gib']:.2f}",
+                     f"{r['store_gib']:.2f}", f"{r['utilisation']:.0%}"])
+    summary = ", ".join(f"{k} {v}" for k, v in d.get("summary", {}).items())
+    return (f"`python -m bench.omg`: one OMG image, {d['steps']} DDIM steps, blending over the last "
+            f"{d['blend_steps']}, rank-{d['lora_rank']} LoRAs on every kohya target, {d['dtype']}, 1024x1024 "
+            f"(utilisation: evaluations x 6.76 TFLOP / time / 989 TFLOP/s). {summary}.\n\n"
+            + _table(["k", "store", "total s", "stage 1", "masks", "stage 2", "decode", "UNet evals", "peak GiB",
+                      "store GiB", "utilisation"], rows))
+
+
+SECTIONS = [("unet", unet_section), ("sample", sample_section), ("lora_sdxl", lora_section), ("omg", omg_section)]
+
+
+def report() -> str:
+    parts = []
+    for name, section in SECTIONS:
+        for d in _load(name):
+            parts.append(f"**{d['device']}**, torch {d['torch']}, {d['date'][:10]} — " + section(d))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    text = report()
+    if not args.update_readme:
+        print(text)
+        return
+    path = os.path.join(ROOT, "README.md")
+    readme = open(path).read()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
+    head, rest = readme.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(path, "w") as f:
+        f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
+    print(f"updated {path}")
+
+
+if __name__ == "__main__":
+    main()
