@@ -1,0 +1,104 @@
+"""Triton kernels for OMG, each beside its PyTorch reference, and the dispatch between them.
+
+Modules: kernels.cross_attention (fused short-key attention: plain, capture, replay), kernels.blend.
+
+The functions here run the Triton kernel when every tensor is on CUDA, triton imports, the kernel supports the
+shapes/dtypes, and OMG_DISABLE_TRITON is not "1"; otherwise the reference (CPU fallback, test oracle).
+
+    attention(q, k, v)                                         softmax(q kᵀ/√d) v, T ≤ 256 keys in one tile
+    capture(q, k, v, rows, map_format, tokens, heat)           -> Captured(out, maps, heat)
+    capture_maps(q, k, rows, map_format, tokens, heat)         -> Captured(None, maps, heat): no output
+    replay(q, k, v, maps, rows)                                rows attend with stored maps, others plainly
+    replay_maps(maps, v)                                       decode(maps) · v
+    blend_guided(base_u, base_c, concept_eps, masks, g)        OMG masked blend + CFG in one pass
+    blend_eps(base_u, base_c, concept_eps, masks)              the blended halves (for rescaled guidance)
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kernels import blend as _blend
+from kernels import cross_attention as _ca
+from kernels._triton import HAS_TRITON
+from kernels.blend import ConceptEps, blend_eps_reference, blend_guided_reference, stack_concepts
+from kernels.cross_attention import (LOG8_STEP, MAP_FORMATS, Captured, capture_maps_reference, capture_reference,
+                                     cross_attention_reference, decode_maps, encode_maps, replay_maps_reference,
+                                     replay_reference, supports)
+
+__all__ = ["HAS_TRITON", "LOG8_STEP", "MAP_FORMATS", "Captured", "use_triton", "supports", "attention", "capture",
+           "capture_maps", "replay", "replay_maps", "blend_guided", "blend_eps", "decode_maps", "encode_maps",
+           "cross_attention_reference", "capture_reference", "capture_maps_reference", "replay_reference",
+           "replay_maps_reference", "blend_guided_reference", "blend_eps_reference"]
+
+
+def use_triton(*tensors: Optional[Tensor]) -> bool:
+    """True when triton imports, OMG_DISABLE_TRITON is not "1" and every given tensor is on CUDA."""
+    if not HAS_TRITON or os.environ.get("OMG_DISABLE_TRITON", "") == "1":
+        return False
+    return all(t.is_cuda for t in tensors if t is not None)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ/√d) v: (B, h, N, d), (B, h, T, d) x2 -> (B, h, N, d)."""
+    if use_triton(q, k, v) and _ca.supports(q, k):
+        return _ca.cross_attention_triton(q, k, v)
+    return cross_attention_reference(q, k, v)
+
+
+def capture(q: Tensor, k: Tensor, v: Tensor, rows: slice, map_format: Optional[str] = None,
+            tokens: Optional[Tensor] = None, heat: Optional[Tensor] = None) -> Captured:
+    """Attention of every row and, for the batch rows `rows` (R of them): the map store (R, h, N, T) in
+    `map_format` ("bf16", "log8" or None for none) and heat (R, N, n_tok) += head-mean probs[..., tokens]
+    (heat: a float32 accumulator, created when None and tokens are given)."""
+    if use_triton(q, k, v, heat) and _ca.supports(q, k):
+        return _ca.capture_triton(q, k, v, rows, map_format, tokens, heat)
+    return capture_reference(q, k, v, rows, map_format, tokens, heat)
+
+
+def capture_maps(q: Tensor, k: Tensor, rows: slice, map_format: Optional[str] = None,
+                 tokens: Optional[Tensor] = None, heat: Optional[Tensor] = None) -> Captured:
+    """capture's map store and heat without the attention output (Captured.out is None): one pass over the
+    rows' queries and keys only, for a caller that keeps torch SDPA's output bit for bit."""
+    if use_triton(q, k, heat) and _ca.supports(q, k):
+        return _ca.capture_maps_triton(q, k, rows, map_format, tokens, heat)
+    return capture_maps_reference(q, k, rows, map_format, tokens, heat)
+
+
+def replay(q: Tensor, k: Tensor, v: Tensor, maps: Tensor, rows: slice) -> Tensor:
+    """Rows `rows` attend with the stored maps (out = decode(maps) · v), the other rows plainly."""
+    if use_triton(q, k, v, maps) and _ca.supports(q, k):
+        return _ca.replay_triton(q, k, v, maps, rows)
+    return replay_reference(q, k, v, maps, rows)
+
+
+def replay_maps(maps: Tensor, v: Tensor) -> Tensor:
+    """decode(maps) · v: (R, h, N, T), (R, h, T, d) -> (R, h, N, d)."""
+    if use_triton(maps, v) and _ca.supports(v, v):
+        return _ca.replay_maps_triton(maps, v)
+    return replay_maps_reference(maps, v)
+
+
+def _blend_on_gpu(base_u: Tensor, base_c: Tensor, concepts: Tensor, masks: Tensor) -> bool:
+    """The kernel reads float32 predictions (masks of any float dtype)."""
+    return (use_triton(base_u, base_c, concepts, masks) and masks.is_floating_point()
+            and all(t.dtype == torch.float32 for t in (base_u, base_c, concepts)))
+
+
+def blend_guided(base_u: Tensor, base_c: Tensor, concept_eps: ConceptEps, masks: Tensor, guidance: float) -> Tensor:
+    """eps_u + g (eps_c - eps_u) of the masked blends eps = (1 - Σ M_i) base + Σ M_i eps_i; float32 (1, C, H, W)."""
+    concepts = stack_concepts(concept_eps, base_u)
+    if _blend_on_gpu(base_u, base_c, concepts, masks):
+        return _blend.blend_guided_triton(base_u, base_c, concepts, masks, guidance)
+    return blend_guided_reference(base_u, base_c, concepts, masks, guidance)
+
+
+def blend_eps(base_u: Tensor, base_c: Tensor, concept_eps: ConceptEps, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """The masked blends (eps_u, eps_c) of both halves."""
+    concepts = stack_concepts(concept_eps, base_u)
+    if _blend_on_gpu(base_u, base_c, concepts, masks):
+        return _blend.blend_eps_triton(base_u, base_c, concepts, masks)
+    return blend_eps_reference(base_u, base_c, concepts, masks)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
 from omg.unet import Attention, UNet
 
 STORES = ("outputs", "maps", "recompute")
@@ -43,16 +44,28 @@ class TokenHeatmaps:
     """Running sums of head-averaged attn2 maps for selected tokens, one sum per token resolution."""
     token_indices: list[int]
     latent_hw: tuple[int, int]
-    sums: dict[int, Tensor] = field(default_factory=dict)  # tokens-per-map N -> (n_tok, h, w)
+    sums: dict[int, Tensor] = field(default_factory=dict)  # tokens-per-map N -> (rows, N, n_tok) float32
     counts: dict[int, int] = field(default_factory=dict)
+    _tokens: Optional[Tensor] = field(default=None, repr=False)
+
+    def tokens(self, device: torch.device) -> Tensor:
+        """The token columns, int32 on `device` (made once: no copy per layer)."""
+        if self._tokens is None or self._tokens.device != device:
+            self._tokens = torch.tensor(self.token_indices, dtype=torch.int32, device=device)
+        return self._tokens
+
+    def accumulator(self, n: int, rows: int, device: torch.device) -> Tensor:
+        """The running sum (rows, N, n_tok) that one more layer's head-averaged maps are added to."""
+        acc = self.sums.get(n)
+        if acc is None:
+            acc = self.sums[n] = torch.zeros(rows, n, len(self.token_indices), device=device)
+        self.counts[n] = self.counts.get(n, 0) + 1
+        return acc
 
     def add(self, probs: Tensor) -> None:
         """probs (B, heads, N, T) of the conditional rows."""
-        n = probs.shape[2]
-        h, w = _spatial_shape(n, self.latent_hw)
-        maps = probs[..., self.token_indices].mean(dim=(0, 1)).T.reshape(len(self.token_indices), h, w)
-        self.sums[n] = self.sums.get(n, 0) + maps.float()
-        self.counts[n] = self.counts.get(n, 0) + 1
+        acc = self.accumulator(probs.shape[2], probs.shape[0], probs.device)
+        acc += probs[..., self.token_indices].float().mean(dim=1)
 
     def result(self) -> Tensor:
         """Average over layers, heads and steps at latent resolution: (n_tok, H, W), each map sums to 1."""
@@ -60,8 +73,9 @@ class TokenHeatmaps:
             raise RuntimeError("no cross-attention was captured")
         total = 0
         for n, s in self.sums.items():
-            total = total + F.interpolate((s / self.counts[n])[None], size=self.latent_hw, mode="bilinear",
-                                          align_corners=False)[0]
+            h, w = _spatial_shape(n, self.latent_hw)
+            maps = s.mean(dim=0).T.reshape(len(self.token_indices), h, w) / self.counts[n]
+            total = total + F.interpolate(maps[None], size=self.latent_hw, mode="bilinear", align_corners=False)[0]
         return total / total.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
@@ -84,10 +98,13 @@ class AttentionControl:
     def __init__(self, unet: UNet, store: str = "outputs", steps: Sequence[int] = (),
                  store_dtype: torch.dtype = torch.bfloat16, store_device: Optional[torch.device] = None,
                  self_replay_steps: Sequence[int] = (), heatmap_tokens: Sequence[int] = (),
-                 latent_hw: Optional[tuple[int, int]] = None):
+                 latent_hw: Optional[tuple[int, int]] = None, map_format: Optional[str] = None):
         if store not in STORES:
             raise ValueError(f"store must be one of {STORES}, not {store!r}")
+        if map_format is not None and map_format not in kernels.MAP_FORMATS:
+            raise ValueError(f"map_format must be one of {kernels.MAP_FORMATS} or None, not {map_format!r}")
         self.unet = unet
+        self.map_format = map_format  # store="maps": None keeps probabilities in store_dtype, else kernels' format
         self.store = store
         self.steps = set(steps)  # steps whose cross-attention stage 2 replays
         self.self_replay_steps = set(self_replay_steps)
@@ -134,14 +151,21 @@ class AttentionControl:
             if self.step in self.self_replay_steps and self.store != "recompute":
                 self.saved[key] = (self._keep(q[rows]), self._keep(k[rows]))
             return layer.out(F.scaled_dot_product_attention(q, k, v))
-        need_probs = self.heatmaps is not None or (self.store == "maps" and self.step in self.steps)
-        attended = F.scaled_dot_product_attention(q, k, v)
-        if need_probs:
+        keep_maps = self.store == "maps" and self.step in self.steps
+        attended = F.scaled_dot_product_attention(q, k, v)  # SDPA's output: capturing changes nothing
+        if keep_maps and self.map_format is None:  # probabilities in store_dtype
             probs = attention_probs(q[rows], k[rows])
             if self.heatmaps is not None:
                 self.heatmaps.add(probs)
-            if self.store == "maps" and self.step in self.steps:
-                self.saved[key] = self._keep(probs)
+            self.saved[key] = self._keep(probs)
+        elif keep_maps or self.heatmaps is not None:  # one kernel pass over the rows (the reference off CUDA)
+            tokens = heat = None
+            if self.heatmaps is not None:
+                tokens = self.heatmaps.tokens(q.device)
+                heat = self.heatmaps.accumulator(q.shape[2], len(range(q.shape[0])[rows]), q.device)
+            captured = kernels.capture_maps(q, k, rows, self.map_format if keep_maps else None, tokens, heat)
+            if keep_maps:
+                self.saved[key] = captured.maps.to(self.store_device or q.device)
         out = layer.out(attended)
         if self.store == "outputs" and self.step in self.steps:
             self.saved[key] = self._keep(out[rows])
@@ -167,8 +191,10 @@ class AttentionControl:
             out[rows] = out[self.source_rows]
         elif self.store == "outputs":
             out[rows] = self.saved[key].to(out.dtype)
-        else:  # maps: A_stage1 · V(current context)
+        elif self.map_format is None:  # maps: A_stage1 · V(current context)
             out[rows] = layer.out(torch.einsum("bhnt,bhtd->bhnd", self.saved[key].to(v.dtype), v[rows]))
+        else:  # the same with a kernels map format (bf16 / log8)
+            out[rows] = layer.out(kernels.replay_maps(self.saved[key].to(v.device), v[rows]))
         return out
 
     def _reference_qk(self, q: Tensor, k: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+import kernels
 from omg.attention import STORES, AttentionControl
 from omg.errors import SamplingError
 from omg.lora import ConceptWeights, LoraFile, load_lora, text_encoder_lora
@@ -140,7 +141,6 @@ class BlendedEps:
         self.unet, self.record = unet, record
         self.base_cond, self.concept_cond, self.weights = base_cond, list(concept_cond), list(weights)
         self.masks, self.active = masks, list(active)
-        self.union = masks[self.active].sum(0)[None, None] if self.active else masks.new_zeros(1, 1, *masks.shape[1:])
         self.guidance, self.guidance_rescale = guidance, guidance_rescale
         self.dtype = next(unet.parameters()).dtype
         self.calls = 0
@@ -173,17 +173,19 @@ class BlendedEps:
             control.cond_rows = slice(1, 2)
             base_u, base_c = self._unet(torch.cat([x, x]), t, context, y)
         control.mode = "plain"
-        eps_u, eps_c = (1 - self.union) * base_u, (1 - self.union) * base_c
+        concept_eps = []
         for i in self.active:
             ctx_i, y_i = self.concept_cond[i]
             if self.weights[i] is None:
-                u, c = self._unet(torch.cat([x, x]), t, ctx_i, y_i)
+                concept_eps.append(self._unet(torch.cat([x, x]), t, ctx_i, y_i))
             else:
                 with self.weights[i].applied(self.unet):
-                    u, c = self._unet(torch.cat([x, x]), t, ctx_i, y_i)
-            m = self.masks[i][None, None]
-            eps_u, eps_c = eps_u + m * u, eps_c + m * c
-        return apply_guidance(eps_u, eps_c, self.guidance, self.guidance_rescale)
+                    concept_eps.append(self._unet(torch.cat([x, x]), t, ctx_i, y_i))
+        masks = self.masks[self.active]
+        if self.guidance_rescale:  # the kernel blends; the rescale needs the blended halves
+            eps_u, eps_c = kernels.blend_eps(base_u, base_c, concept_eps, masks)
+            return apply_guidance(eps_u, eps_c, self.guidance, self.guidance_rescale)
+        return kernels.blend_guided(base_u, base_c, concept_eps, masks, self.guidance)
 
 
 def run_stage1(unet: Any, noise: Tensor, sigmas: Tensor, base_cond: tuple[Tensor, Tensor], control: AttentionControl,
@@ -237,7 +239,8 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
              DEFAULT_NEGATIVE, steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0,
              blend_steps: int = 35, seed: int = 0, height: int = 1024, width: int = 1024, sampler: str = "ddim",
              spacing: str = "leading", sampler_options: Optional[dict] = None, store: str = "recompute",
-             store_dtype: Optional[torch.dtype] = torch.bfloat16, self_replay_steps: int = 0,
+             store_dtype: Optional[torch.dtype] = torch.bfloat16, map_format: Optional[str] = None,
+             self_replay_steps: int = 0,
              sam: Union[str, SamRefiner, None] = None, dilate: int = 0, feather: float = 0.0,
              strict: bool = False, progress: bool = True, keep_stage2: bool = False) -> Result:
     """Render `prompt` with every concept's identity inside its region (OMG, Kong et al. 2024).
@@ -248,7 +251,9 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     omg.attention); "recompute" is the default: on one H100 at 1024x1024 with two concepts it needs no store
     (the others keep 6.8 and 8.2 GiB) and was the fastest (11.5 s against 14.4 s for "outputs", the base
     pass runs at batch 3 instead of 2 and the GPU is far from full at batch 2; bench/results/omg_h100.json).
-    store_dtype (for "outputs"/"maps") None keeps the model dtype. self_replay_steps: also replay self-attention
+    store_dtype (for "outputs"/"maps") None keeps the model dtype. map_format (store="maps"): None keeps the
+    probabilities in store_dtype; "bf16" or "log8" (1 byte an entry) use the kernels' map formats.
+    self_replay_steps: also replay self-attention
     (queries and keys) for this many first blending steps; off by default: the paper replays the
     cross-attention maps, the original code's 4 self-attention steps come from prompt-to-prompt's editing
     default, they only touch the base pass (used outside the masks), and with a stored replay they cost
@@ -280,7 +285,7 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     noise = randn_cpu((1, unet.config.in_channels, *latent_hw), torch.Generator().manual_seed(seed), device)
     flat_tokens = sorted({i for idx in token_indices for i in idx})
     control = AttentionControl(unet, store, store_dtype=store_dtype or dtype, heatmap_tokens=flat_tokens,
-                               latent_hw=latent_hw)
+                               latent_hw=latent_hw, map_format=map_format)
     start = timer.lap("setup", start)
 
     # ---- stage 1 ------------------------------------------------------------------------------------------
