@@ -85,7 +85,32 @@ def omg_section(d: dict) -> str:
                       "store GiB", "utilisation"], rows))
 
 
-SECTIONS = [("unet", unet_section), ("sample", sample_section), ("lora_sdxl", lora_section), ("omg", omg_section)]
+def kernels_section(d: dict) -> str:
+    parts = []
+    if "attention" in d:
+        rows = [[r["layer"], r["batch"], r["dtype"], r["sdpa_us"], r["triton_us"], r["triton_capture_log8_heat_us"],
+                 r["torch_capture_bf16_heat_us"]] for r in d["attention"] if r["batch"] in (2, 12)]
+        parts.append("`python -m bench.kernels`: one attn2 layer (T = 77), microseconds.\n\n" + _table(
+            ["layer", "batch", "dtype", "torch SDPA", "triton plain", "triton capture (log8 maps + heat)",
+             "torch capture (bf16 maps + heat)"], rows))
+    if "store" in d:
+        st = d["store"]
+        parts.append(f"Replay store for {st['steps']} steps at 1024x1024 (70 attn2 layers, conditional row): maps "
+                     f"bf16 {st['maps_bf16_gib_total']} GiB, maps log8 {st['maps_log8_gib_total']} GiB, outputs "
+                     f"bf16 {st['outputs_bf16_gib_total']} GiB. Blend kernel: at most "
+                     f"{d['targets']['blend_max_pct_of_batch2_forward']:.2f} % of a batch-2 UNet forward.")
+    if "unet" in d and "attention" not in d:
+        u = d["unet"]
+        rows = [[name, f"{ms:.1f}", f"{u['vs_plain'][name]:.3f}"] for name, ms in u["ms"].items()]
+        parts.append(f"`python -m bench.kernels --sections unet --rounds 5`: the full SDXL UNet, batch "
+                     f"{u['batch']}, {u['dtype']}, 1024x1024, with attn2 routed through each variant (best of "
+                     f"interleaved rounds). Any per-layer Python processor costs ~10 % at batch 2 (launch-bound).\n\n"
+                     + _table(["variant", "ms", "vs plain"], rows))
+    return "\n\n".join(parts)
+
+
+SECTIONS = [("unet", unet_section), ("sample", sample_section), ("lora_sdxl", lora_section), ("omg", omg_section),
+            ("kernels", kernels_section)]
 
 
 def report() -> str:
