@@ -16,7 +16,7 @@ import torch
 from bench.common import DTYPES, device_name, write_json
 from bench.unet import build_diffusers, random_sgm_state_dict
 from omg.model import SDXL
-from omg.sampling import NoiseSchedule, randn_cpu
+from omg.sampling import randn_cpu
 from omg.text import SDXLTextEncoder
 from omg.txt2img import latents_to_images, sample_latents, sdxl_conditioning
 from omg.unet import UNet, UNetConfig

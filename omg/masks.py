@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -20,11 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from omg.errors import CheckpointError
+from omg.sam import LATENT_SCALE, SamRefiner, image_array
 
-LATENT_SCALE = 8
 USER_SCORE = 2.0  # above any attention/SAM score: a user mask always owns the pixels it covers
-SAM_TYPES = {12: "vit_b", 24: "vit_l", 32: "vit_h"}  # image-encoder depth -> segment-anything model type
 
 
 # --------------------------------------------------------------------------------------------- tokens
@@ -249,97 +246,6 @@ def split_same_class(heat: Tensor, groups: Sequence[Sequence[int]], peak_distanc
         for i, concept in enumerate(g):
             out[concept] = normalize((combined[0].flatten() * (region == order[best_perm[i]])).view(1, h, w))[0]
     return out
-
-
-# ------------------------------------------------------------------------------------------------ SAM
-
-class SamRefiner:
-    """segment-anything refinement, prompted per concept with the box of its attention mask, a positive point at
-    its peak and negative points at the other concepts' peaks; keeps the best multimask output by predicted IoU.
-
-    sam: a checkpoint path (.pth state dict or .safetensors; model_type inferred from the encoder depth when None)
-    or an already-built segment_anything Sam module (any img_size).
-    """
-
-    def __init__(self, sam: Any, model_type: Optional[str] = None, device: Any = "cpu"):
-        try:
-            from segment_anything import SamPredictor, sam_model_registry
-        except ImportError as e:
-            raise ImportError("SAM refinement needs the segment-anything package: pip install segment-anything "
-                              "(or give no SAM checkpoint to use attention-only masks)") from e
-        if isinstance(sam, (str, os.PathLike)):
-            sam = _load_sam(os.fspath(sam), model_type, sam_model_registry)
-        self.model = sam.to(device).eval()
-        self.predictor = SamPredictor(self.model)
-
-    @torch.no_grad()
-    def refine(self, image: Any, masks: Tensor, anchors: Sequence[Optional[tuple[int, int]]],
-               active: Sequence[bool]) -> tuple[Tensor, Tensor]:
-        """(masks [k,h,w] bool, scores [k,h,w]) at latent size for the active concepts (others: all False / 0)."""
-        array = image_array(image)
-        k, h, w = masks.shape
-        if array.shape[:2] != (h * LATENT_SCALE, w * LATENT_SCALE):
-            raise ValueError(f"stage-1 image is {array.shape[1]}x{array.shape[0]}, expected "
-                             f"{w * LATENT_SCALE}x{h * LATENT_SCALE} for latent masks of {w}x{h}")
-        out_masks, out_scores = torch.zeros(k, h, w, dtype=torch.bool), torch.zeros(k, h, w)
-        if not any(active):
-            return out_masks, out_scores
-        self.predictor.set_image(array)
-        px = lambda yx: [(yx[1] + 0.5) * LATENT_SCALE, (yx[0] + 0.5) * LATENT_SCALE]  # latent (y, x) -> pixel (x, y)
-        for i in range(k):
-            if not active[i]:
-                continue
-            ys, xs = torch.nonzero(masks[i].cpu(), as_tuple=True)
-            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32) * LATENT_SCALE
-            others = [a for j, a in enumerate(anchors) if j != i and a is not None]
-            coords = np.array([px(anchors[i])] + [px(a) for a in others], dtype=np.float32)
-            labels = np.array([1] + [0] * len(others))
-            logits, iou, _ = self.predictor.predict(point_coords=coords, point_labels=labels, box=box,
-                                                    multimask_output=True, return_logits=True)
-            logit = torch.as_tensor(np.asarray(logits[int(np.argmax(iou))]), dtype=torch.float32)[None, None]
-            hard = (logit > self.model.mask_threshold).float()
-            out_masks[i] = F.avg_pool2d(hard, LATENT_SCALE)[0, 0] >= 0.5  # majority of each 8x8 block
-            out_scores[i] = F.avg_pool2d(logit.sigmoid(), LATENT_SCALE)[0, 0]
-        return out_masks.to(masks.device), out_scores.to(masks.device)
-
-
-def _load_sam(path: str, model_type: Optional[str], registry: dict) -> Any:
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read a SAM checkpoint ({type(e).__name__}: {e})") from e
-    key = "image_encoder.patch_embed.proj.weight"
-    if not isinstance(sd, dict) or key not in sd:
-        raise CheckpointError(f"{path}: not a segment-anything state dict (no key {key!r})")
-    depth = len({k.split(".")[2] for k in sd if k.startswith("image_encoder.blocks.")})
-    model_type = model_type or SAM_TYPES.get(depth)
-    if model_type not in registry or model_type == "default":
-        raise CheckpointError(f"{path}: image encoder with {depth} blocks; expected a model_type in "
-                              f"{sorted(SAM_TYPES.values())} (vit_b 12 blocks, vit_l 24, vit_h 32), got {model_type!r}")
-    with torch.device("meta"):  # no random init of 0.6B parameters only to overwrite them
-        sam = registry[model_type]()
-    try:
-        sam.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit SAM {model_type}: {str(e)[:500]}") from e
-    assert not any(t.is_meta for t in itertools.chain(sam.parameters(), sam.buffers())), "SAM tensor left on meta"
-    return sam
-
-
-def image_array(image: Any) -> np.ndarray:
-    """HxWx3 uint8 RGB array from a PIL image or a uint8 array/tensor (HxWx3 or 3xHxW)."""
-    if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))  # a writable copy
-    a = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
-    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
-        a = a.transpose(1, 2, 0)
-    if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
-        raise ValueError(f"image must be PIL or uint8 HxWx3, got {a.dtype} array of shape {a.shape}")
-    return np.ascontiguousarray(a)
 
 
 # ----------------------------------------------------------------------------------------- user masks
