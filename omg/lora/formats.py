@@ -81,7 +81,7 @@ class LoraFile:
 def read_tensors(path: str, device: Union[str, torch.device] = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
     """State dict and string metadata of a LoRA file, via omg.checkpoint (validated safetensors header,
     or a weights-only pickle for .pt/.ckpt/.bin)."""
-    from omg.checkpoint import open_source
+    from omg.tensorfile import open_source
     try:
         with open_source(path) as source:
             return {k: source.tensor(k, device) for k in source.keys()}, dict(source.metadata or {})
