@@ -78,6 +78,14 @@ def omg_section(d: dict) -> str:
                      f"{t['decode'] + t['decode_stage1']:.2f}", r["unet_evaluations"], f"{r['peak_gib']:.2f}",
                      f"{r['store_gib']:.2f}", f"{r['utilisation']:.0%}"])
     summary = ", ".join(f"{k} {v}" for k, v in d.get("summary", {}).items())
+    for ref in _load("reference"):  # the original's schedule, run in the same command on the same machine
+        ours = next((r for r in d["rows"] if r["k"] == ref["k"] and r["store"] == "recompute"
+                     and not r["self_replay_steps"]), None)
+        if ours:
+            summary += (f"; the original code's schedule (`python -m bench.reference`, diffusers + peft, same "
+                        f"command) for k = {ref['k']}: {ref['total_s']:.2f} s, {ref['unet_evaluations']} UNet "
+                        f"evaluations, peak {ref['peak_gib']:.2f} GiB (omg: {ref['total_s'] / ours['seconds']:.2f}x "
+                        f"faster)")
     return (f"`python -m bench.omg`: one OMG image, {d['steps']} DDIM steps, blending over the last "
             f"{d['blend_steps']}, rank-{d['lora_rank']} LoRAs on every kohya target, {d['dtype']}, 1024x1024 "
             f"(utilisation: evaluations x 6.76 TFLOP / time / 989 TFLOP/s). {summary}.\n\n"
