@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,9 @@ from omg.errors import CheckpointError
 from omg.unet import UNet, UNetConfig
 from omg.vae import AutoencoderKL, VAEConfig
 
+if TYPE_CHECKING:  # omg.text is imported lazily at run time: it pulls in open_clip and transformers
+    from omg.text import SDXLTextEncoder
+
 
 @dataclass
 class SDXL:
@@ -23,7 +26,7 @@ class SDXL:
 
     unet: UNet
     vae: Optional[AutoencoderKL] = None
-    text: Optional["SDXLTextEncoder"] = None  # noqa: F821 (omg.text is imported lazily: it pulls in open_clip)
+    text: Optional[SDXLTextEncoder] = None
 
     @property
     def device(self) -> torch.device:
