@@ -100,6 +100,9 @@ def save_png(image: Any, path: str, parameters: Optional[dict] = None) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an image is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
