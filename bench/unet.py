@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--extra", nargs="*", default=[], choices=["channels_last", "compile"],
+                        help="also time our UNet in channels-last memory format / under torch.compile")
+    parser.add_argument("--name", default="unet", help="JSON name: bench/results/<name>_<gpu>.json")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "bench/unet.py measures the GPU"
     cfg = UNetConfig.sdxl()
@@ -85,6 +88,14 @@ def main() -> None:
             calls = {"omg": lambda: models["omg"](x, t, ctx, y),
                      "diffusers": lambda: models["diffusers"](x, t, ctx, added_cond_kwargs={
                          "text_embeds": pooled, "time_ids": time_ids}).sample}
+            if "channels_last" in args.extra:
+                models["omg_channels_last"] = build_ours(cfg, sd, dtype).to(memory_format=torch.channels_last)
+                x_cl = x.contiguous(memory_format=torch.channels_last)
+                calls["omg_channels_last"] = lambda: models["omg_channels_last"](x_cl, t, ctx, y)
+            if "compile" in args.extra:
+                models["omg_compile"] = build_ours(cfg, sd, dtype)
+                compiled = torch.compile(models["omg_compile"])
+                calls["omg_compile"] = lambda: compiled(x, t, ctx, y)
             times = {impl: [] for impl in calls}
             outputs, peaks = {}, {}
             with torch.inference_mode():
@@ -105,15 +116,22 @@ def main() -> None:
                                  tflops=round(tflops, 1)))
                 print(f"{impl:9s} {dtype_name} batch {batch}: {ms:8.2f} ms/forward  peak {peak:6.2f} GiB  "
                       f"{tflops:6.1f} TFLOP/s", flush=True)
+            impls = list(calls)
             del models, calls
             gc.collect()
             torch.cuda.empty_cache()
             diff = (outputs["omg"] - outputs["diffusers"]).abs().max().item()
             scale = outputs["diffusers"].abs().max().item()
-            ratio = rows[-1]["ms"] / rows[-2]["ms"]
-            rows[-2].update(speedup_vs_diffusers=round(ratio, 3), max_abs_diff_vs_diffusers=diff, output_max=scale)
+            mine = {r["impl"]: r for r in rows[-len(impls):]}
+            ratio = mine["diffusers"]["ms"] / mine["omg"]["ms"]
+            mine["omg"].update(speedup_vs_diffusers=round(ratio, 3), max_abs_diff_vs_diffusers=diff, output_max=scale)
+            for impl in impls:
+                if impl.startswith("omg_"):
+                    mine[impl].update(speedup_vs_diffusers=round(mine["diffusers"]["ms"] / mine[impl]["ms"], 3),
+                                      max_abs_diff_vs_omg=(outputs[impl] - outputs["omg"]).abs().max().item())
+                    print(f"  {impl}: {mine['diffusers']['ms'] / mine[impl]['ms']:.3f}x diffusers")
             print(f"  speed-up vs diffusers {ratio:.3f}x; max |omg - diffusers| = {diff:.3g} (|out| max {scale:.3g})")
-    path = write_json("unet", {"resolution": 1024, "rows": rows,
+    path = write_json(args.name, {"resolution": 1024, "rows": rows,
                                "note": "eager PyTorch, SDPA attention, random weights N(0,0.02)"})
     print("wrote", path, "on", device_name())
 
