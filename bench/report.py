@@ -31,16 +31,17 @@ def unet_section(d: dict) -> str:
     by = {(r["impl"], r["dtype"], r["batch"]): r for r in d["rows"]}
     rows = []
     for (impl, dtype, batch), r in by.items():
-        if impl != "omg":
+        if not impl.startswith("omg"):
             continue
         theirs = by[("diffusers", dtype, batch)]
-        rows.append([dtype, batch, r["ms"], theirs["ms"], f"{theirs['ms'] / r['ms']:.2f}x", r["tflops"],
+        variant = impl[len("omg_"):].replace("_", "-") if impl != "omg" else "eager"
+        rows.append([variant, dtype, batch, r["ms"], theirs["ms"], f"{theirs['ms'] / r['ms']:.2f}x", r["tflops"],
                      r["peak_gib"], theirs["peak_gib"]])
     return (f"`python -m bench.unet`: one SDXL UNet forward at 1024x1024, eager PyTorch with SDPA, best of 3 "
             f"interleaved rounds; outputs of the two are identical (max abs difference "
             f"{max(r.get('max_abs_diff_vs_diffusers', 0) for r in d['rows'])}).\n\n"
-            + _table(["dtype", "batch", "omg ms", "diffusers ms", "speed-up", "omg TFLOP/s", "omg peak GiB",
-                      "diffusers peak GiB"], rows))
+            + _table(["omg", "dtype", "batch", "omg ms", "diffusers ms (eager)", "speed-up", "omg TFLOP/s",
+                      "omg peak GiB", "diffusers peak GiB"], rows))
 
 
 def sample_section(d: dict) -> str:
