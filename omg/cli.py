@@ -14,12 +14,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 from typing import Any, Optional
 
 DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "demo",
-                               "omg_demo.safetensors")
+                               "demo_sdxl.safetensors")  # written by demo/train.py
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -91,22 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
 def save_png(image: Any, path: str, parameters: Optional[dict] = None) -> None:
     """Write atomically (temp file + rename): an interrupted run never leaves half a PNG."""
     from PIL.PngImagePlugin import PngInfo
+
+    from omg.atomic import atomic_path
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", json.dumps(parameters))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an image is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path, ".png") as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def _load_model(checkpoint: Optional[str], device: str, dtype: Any) -> tuple[Any, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from omg import checkpoint, keymap
+from omg.atomic import atomic_path
 from omg.errors import CheckpointError
 from omg.unet import UNet, UNetConfig
 from omg.vae import AutoencoderKL, VAEConfig
@@ -155,13 +155,5 @@ def save_sgm(model: SDXL, path: Union[str, os.PathLike]) -> None:
 
     path = os.fspath(path)
     tensors = {k: t.detach().contiguous().cpu() for k, t in model.sgm_state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".omg-", suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".safetensors.tmp") as tmp:
         save_file(tensors, tmp, metadata={"omg.config": json.dumps(model.configs())})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -1,0 +1,250 @@
+"""Deterministic synthetic scenes for the demo world: 1 to 3 simple objects with occlusion, captions and masks.
+
+Objects are drawn back to front, so each object's ground-truth mask is its shape minus every shape in front of
+it (the visible pixels); masks of one scene are therefore disjoint. Concepts are class members with a fixed
+colour and a distinctive pattern, named by an identifier word ("sks ball"), for DreamBooth-style LoRAs.
+numpy and PIL only; the same seed gives the same scene, bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ("ball", "box", "tower", "cone")
+COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "yellow": (235, 200, 40), "green": (40, 170, 70),
+           "purple": (140, 60, 180), "orange": (240, 130, 30)}
+BACKGROUNDS = {"green": (90, 160, 90), "blue": (110, 150, 210), "grey": (150, 150, 150), "pink": (225, 160, 180),
+               "sand": (210, 190, 140)}
+WHITE, BLACK = (250, 250, 250), (20, 20, 20)
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """A personalised concept: a class member with one colour and one pattern, called "<identifier> <class>"."""
+    name: str
+    identifier: str
+    class_name: str
+    colour: str
+    pattern: str  # "stripes", "checker" or "dots"
+    pattern_colour: tuple[int, int, int]
+
+    @property
+    def phrase(self) -> str:
+        return f"{self.identifier} {self.class_name}"
+
+
+CONCEPTS = {
+    "sks_ball": ConceptSpec("sks_ball", "sks", "ball", "red", "stripes", WHITE),
+    "zwx_box": ConceptSpec("zwx_box", "zwx", "box", "blue", "checker", BLACK),
+    "qrv_tower": ConceptSpec("qrv_tower", "qrv", "tower", "yellow", "dots", BLACK),
+}
+
+
+@dataclass
+class SceneObject:
+    class_name: str
+    colour: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the shape's bounding box (pixels, exclusive end)
+    identity: Optional[str] = None  # concept name, or None for a plain class member
+
+
+@dataclass
+class Scene:
+    image: Image.Image
+    caption: str
+    objects: list[SceneObject]  # back to front: objects[i] is occluded by objects[j > i]
+    masks: np.ndarray  # (k, H, W) bool: visible pixels of each object, disjoint
+    background: str
+    seed: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return [o.class_name for o in self.objects]
+
+    @property
+    def colours(self) -> list[str]:
+        return [o.colour for o in self.objects]
+
+    @property
+    def identities(self) -> list[Optional[str]]:
+        return [o.identity for o in self.objects]
+
+
+def shape_mask(class_name: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """(size, size) bool mask of a class's figure inside box."""
+    x0, y0, x1, y1 = box
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    inside = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+    if class_name in ("box", "tower"):
+        return inside
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    if class_name == "ball":
+        return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+    if class_name == "cone":  # apex at the top centre, base along the bottom edge
+        frac = (yy - y0) / max(y1 - y0, 1)
+        return inside & (np.abs(xx - cx) <= rx * frac)
+    raise ValueError(f"unknown class {class_name!r}; choose one of {CLASSES}")
+
+
+def pattern_mask(pattern: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """(size, size) bool: where a concept's pattern colour goes (relative to the object's box, so it moves with it)."""
+    x0, y0, x1, y1 = box
+    period = max(4, (x1 - x0) // 5)
+    yy, xx = np.mgrid[0:size, 0:size]
+    u, v = xx - x0, yy - y0
+    if pattern == "stripes":
+        return (v // max(2, period // 2)) % 2 == 1
+    if pattern == "checker":
+        return ((u // period) + (v // period)) % 2 == 1
+    if pattern == "dots":
+        cu, cv = u % period - period / 2, v % period - period / 2
+        return cu ** 2 + cv ** 2 <= (period * 0.3) ** 2
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """A named base colour with a gradient and a light texture (stripes or noise), float (H, W, 3)."""
+    name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    base = np.array(BACKGROUNDS[name], np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
+    ramp = (ramp - ramp.mean())[..., None] * rng.uniform(20, 60)
+    kind = rng.integers(3)
+    if kind == 0:
+        texture = rng.normal(0, 6, (size, size, 1)).astype(np.float32)
+    elif kind == 1:
+        texture = 8 * np.sign(np.sin(xx * rng.uniform(20, 60) + yy * rng.uniform(0, 20)))[..., None]
+    else:
+        texture = np.zeros((size, size, 1), np.float32)
+    return base + ramp + texture, name
+
+
+def _place(rng: np.random.Generator, class_name: str, size: int, scale: float) -> tuple[int, int, int, int]:
+    w = int(size * scale * rng.uniform(0.8, 1.1))
+    h = int(w * 2.0) if class_name == "tower" else w
+    h = min(h, size - 8)
+    x0 = int(rng.integers(2, size - w - 2))
+    y0 = int(rng.integers(2, size - h - 2))
+    return x0, y0, x0 + w, y0 + h
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _visible_share(j: int, shapes: Sequence[np.ndarray], new: np.ndarray) -> float:
+    """Share of shape j left visible by the shapes after it and a new front-most shape."""
+    front = np.any([*shapes[j + 1:], new], axis=0)
+    return float((shapes[j] & ~front).sum() / max(int(shapes[j].sum()), 1))
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption_for(objects: Sequence[SceneObject], background: str) -> str:
+    """'a red ball and a blue box on a green background'; concepts by their phrase ('a sks ball')."""
+    parts = []
+    for o in objects:
+        noun = CONCEPTS[o.identity].phrase if o.identity else f"{o.colour} {o.class_name}"
+        parts.append(f"{article(noun)} {noun}")
+    names = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{names} on {article(background)} {background} background"
+
+
+def render_scene(seed: int, size: int = 256, n_objects: Optional[int] = None, occlusion: Optional[bool] = None,
+                 objects: Optional[Sequence[tuple[str, Optional[str]]]] = None) -> Scene:
+    """One scene from a seed.
+
+    n_objects: 1 to 3 (random when None). occlusion: True makes every later object overlap an earlier one,
+    False keeps all apart, None picks at random. objects: optional (class_name, concept name or None) per
+    object, back to front; a concept fixes the class and colour.
+    """
+    rng = np.random.default_rng([seed, size])
+    if objects is None:
+        n = int(rng.integers(1, 4)) if n_objects is None else n_objects
+        if not 1 <= n <= 3:
+            raise ValueError(f"n_objects must be 1 to 3, got {n}")
+        picks = rng.choice(len(CLASSES), size=n, replace=False)
+        objects = [(CLASSES[i], None) for i in picks]
+    n = len(objects)
+    occlusion = bool(rng.integers(2)) if occlusion is None else occlusion
+    canvas, background = _background(rng, size)
+    colour_names = list(COLOURS)
+    colours = [colour_names[i] for i in rng.choice(len(colour_names), size=n, replace=False)]
+    scale = {1: 0.45, 2: 0.34, 3: 0.26}[n]
+    placed: list[SceneObject] = []
+    shapes: list[np.ndarray] = []
+    for i, (cls, identity) in enumerate(objects):
+        if identity is not None:
+            spec = CONCEPTS[identity]
+            if spec.class_name != cls:
+                raise ValueError(f"concept {identity} is a {spec.class_name}, not a {cls}")
+        colour = CONCEPTS[identity].colour if identity else colours[i]
+        for _ in range(500):  # rejection sampling for the overlap condition
+            box = _place(rng, cls, size, scale)
+            ov = [_overlap(box, p.box) for p in placed]
+            area = (box[2] - box[0]) * (box[3] - box[1])
+            if not placed:
+                break
+            if occlusion and max(ov) > 0.15 * area and all(o < 0.6 * area for o in ov):
+                # every earlier object must keep at least 35 % of its shape visible (none vanishes)
+                cover = shape_mask(cls, box, size)
+                if all(_visible_share(j, shapes, cover) >= 0.35 for j in range(len(shapes))):
+                    break
+                continue
+            if not occlusion and max(ov) == 0:
+                break
+        else:
+            raise RuntimeError(f"seed {seed}: no placement found for object {i}")  # assert-like: never seen
+        placed.append(SceneObject(cls, colour, box, identity))
+        shapes.append(shape_mask(cls, box, size))
+    masks = np.zeros((n, size, size), bool)
+    for i, o in enumerate(placed):  # back to front: later shapes cover earlier ones
+        shape = shape_mask(o.class_name, o.box, size)
+        masks[:i] &= ~shape
+        masks[i] = shape
+        colour = np.array(COLOURS[o.colour], np.float32)
+        shade = 1.0 - 0.25 * (np.mgrid[0:size, 0:size][0] - o.box[1]) / max(o.box[3] - o.box[1], 1)
+        canvas[shape] = colour * np.clip(shade[shape], 0.7, 1.0)[:, None]
+        if o.identity:
+            spec = CONCEPTS[o.identity]
+            marks = shape & pattern_mask(spec.pattern, o.box, size)
+            canvas[marks] = spec.pattern_colour
+    image = Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8))
+    return Scene(image, caption_for(placed, background), placed, masks, background, seed,
+                 {"occlusion": occlusion})
+
+
+def concept_images(concept: str, n: int = 16, size: int = 256, seed: int = 0) -> list[Scene]:
+    """n images of one concept alone (DreamBooth training set), captioned 'a sks ball on a grey background'."""
+    if concept not in CONCEPTS:
+        raise ValueError(f"unknown concept {concept!r}; choose one of {sorted(CONCEPTS)}")
+    spec = CONCEPTS[concept]
+    return [render_scene(seed * 100_003 + 7_919 * (i + 1), size, objects=[(spec.class_name, concept)])
+            for i in range(n)]
+
+
+def base_scenes(n: int, size: int = 256, seed: int = 0, occlusion_fraction: float = 0.5) -> list[Scene]:
+    """n multi-object scenes of plain class members for base training; a fixed share with occlusion."""
+    out = []
+    for i in range(n):
+        s = seed * 1_000_003 + i
+        rng = np.random.default_rng([s, 1])
+        k = int(rng.integers(1, 4))
+        occ = bool(rng.random() < occlusion_fraction) if k > 1 else False
+        out.append(render_scene(s, size, n_objects=k, occlusion=occ))
+    return out
+
+
+def to_tensor_batch(scenes: Sequence[Scene]):
+    """Images as a float tensor (B, 3, H, W) in [-1, 1]."""
+    import torch
+
+    arr = np.stack([np.asarray(s.image, np.float32) for s in scenes]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
