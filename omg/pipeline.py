@@ -27,7 +27,8 @@ from omg.attention import STORES, AttentionControl
 from omg.errors import SamplingError
 from omg.lora import ConceptWeights, LoraFile, load_lora, text_encoder_lora
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks
-from omg.sampling import SAMPLERS, EpsDenoiser, NoiseSchedule, apply_guidance, randn_cpu, run_sampler
+from omg.sampling import (SAMPLERS, EpsDenoiser, NoiseSchedule, apply_guidance, guided_eps, randn_cpu,
+                          run_sampler, unet_eps_fn)
 from omg.txt2img import latents_to_images, sdxl_conditioning
 
 DEFAULT_NEGATIVE = "noisy, blurry, soft, deformed, ugly"  # the original code's global negative prompt
@@ -197,8 +198,7 @@ def run_stage1(unet: Any, noise: Tensor, sigmas: Tensor, base_cond: tuple[Tensor
     Returns (final latent, latent entering the blend start, record, UNet evaluations at batch 1).
     """
     record = Stage1Record(control)
-    context, y = base_cond
-    dtype = next(unet.parameters()).dtype
+    guided = guided_eps(unet_eps_fn(unet, *base_cond), guidance, guidance_rescale)  # what omg.sample runs
     state = {"calls": 0, "steps_done": 0, "evaluations": 0}
     kept: dict[str, Tensor] = {}
 
@@ -216,8 +216,7 @@ def run_stage1(unet: Any, noise: Tensor, sigmas: Tensor, base_cond: tuple[Tensor
             if control.store == "recompute":
                 record.source_latents[n] = x
         state["evaluations"] += 2
-        u, c = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), context, y).float().chunk(2)
-        eps = apply_guidance(u, c, guidance, guidance_rescale)
+        eps = guided(x, t)
         if not blending:
             record.eps_before_blend.append(eps)
         return eps
