@@ -93,7 +93,7 @@ def shape_mask(class_name: str, box: tuple[int, int, int, int], size: int) -> np
 def pattern_mask(pattern: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     """(size, size) bool: where a concept's pattern colour goes (relative to the object's box, so it moves with it)."""
     x0, y0, x1, y1 = box
-    period = max(4, (x1 - x0) // 5)
+    period = max(4, (x1 - x0) // 3)  # coarse: a stripe must survive the f=8 autoencoder (>= 1 latent pixel)
     yy, xx = np.mgrid[0:size, 0:size]
     u, v = xx - x0, yy - y0
     if pattern == "stripes":
@@ -157,6 +157,34 @@ def caption_for(objects: Sequence[SceneObject], background: str) -> str:
     return f"{names} on {article(background)} {background} background"
 
 
+def _layout(rng: np.random.Generator, objects: Sequence[tuple[str, Optional[str]]], colours: Sequence[str],
+            size: int, scale: float, occlusion: bool) -> Optional[list[SceneObject]]:
+    """Boxes back to front by rejection sampling for the overlap condition; None when an object finds no place."""
+    placed: list[SceneObject] = []
+    shapes: list[np.ndarray] = []
+    for i, (cls, identity) in enumerate(objects):
+        colour = CONCEPTS[identity].colour if identity else colours[i]
+        for _ in range(500):
+            box = _place(rng, cls, size, scale)
+            ov = [_overlap(box, p.box) for p in placed]
+            area = (box[2] - box[0]) * (box[3] - box[1])
+            if not placed:
+                break
+            if occlusion and max(ov) > 0.15 * area and all(o < 0.6 * area for o in ov):
+                # every earlier object must keep at least 35 % of its shape visible (none vanishes)
+                cover = shape_mask(cls, box, size)
+                if all(_visible_share(j, shapes, cover) >= 0.35 for j in range(len(shapes))):
+                    break
+                continue
+            if not occlusion and max(ov) == 0:
+                break
+        else:
+            return None
+        placed.append(SceneObject(cls, colour, box, identity))
+        shapes.append(shape_mask(cls, box, size))
+    return placed
+
+
 def render_scene(seed: int, size: int = 256, n_objects: Optional[int] = None, occlusion: Optional[bool] = None,
                  objects: Optional[Sequence[tuple[str, Optional[str]]]] = None) -> Scene:
     """One scene from a seed.
@@ -178,32 +206,15 @@ def render_scene(seed: int, size: int = 256, n_objects: Optional[int] = None, oc
     colour_names = list(COLOURS)
     colours = [colour_names[i] for i in rng.choice(len(colour_names), size=n, replace=False)]
     scale = {1: 0.45, 2: 0.34, 3: 0.26}[n]
-    placed: list[SceneObject] = []
-    shapes: list[np.ndarray] = []
-    for i, (cls, identity) in enumerate(objects):
-        if identity is not None:
-            spec = CONCEPTS[identity]
-            if spec.class_name != cls:
-                raise ValueError(f"concept {identity} is a {spec.class_name}, not a {cls}")
-        colour = CONCEPTS[identity].colour if identity else colours[i]
-        for _ in range(500):  # rejection sampling for the overlap condition
-            box = _place(rng, cls, size, scale)
-            ov = [_overlap(box, p.box) for p in placed]
-            area = (box[2] - box[0]) * (box[3] - box[1])
-            if not placed:
-                break
-            if occlusion and max(ov) > 0.15 * area and all(o < 0.6 * area for o in ov):
-                # every earlier object must keep at least 35 % of its shape visible (none vanishes)
-                cover = shape_mask(cls, box, size)
-                if all(_visible_share(j, shapes, cover) >= 0.35 for j in range(len(shapes))):
-                    break
-                continue
-            if not occlusion and max(ov) == 0:
-                break
-        else:
-            raise RuntimeError(f"seed {seed}: no placement found for object {i}")  # assert-like: never seen
-        placed.append(SceneObject(cls, colour, box, identity))
-        shapes.append(shape_mask(cls, box, size))
+    for cls, identity in objects:
+        if identity is not None and CONCEPTS[identity].class_name != cls:
+            raise ValueError(f"concept {identity} is a {CONCEPTS[identity].class_name}, not a {cls}")
+    for _ in range(50):  # an early box can leave no room for a later one: then lay the whole scene out again
+        placed = _layout(rng, objects, colours, size, scale, occlusion)
+        if placed is not None:
+            break
+    else:
+        raise RuntimeError(f"seed {seed}: no layout found in 50 attempts")  # assert-like
     masks = np.zeros((n, size, size), bool)
     for i, o in enumerate(placed):  # back to front: later shapes cover earlier ones
         shape = shape_mask(o.class_name, o.box, size)
@@ -230,16 +241,26 @@ def concept_images(concept: str, n: int = 16, size: int = 256, seed: int = 0) ->
             for i in range(n)]
 
 
-def base_scenes(n: int, size: int = 256, seed: int = 0, occlusion_fraction: float = 0.5) -> list[Scene]:
-    """n multi-object scenes of plain class members for base training; a fixed share with occlusion."""
-    out = []
-    for i in range(n):
-        s = seed * 1_000_003 + i
-        rng = np.random.default_rng([s, 1])
-        k = int(rng.integers(1, 4))
-        occ = bool(rng.random() < occlusion_fraction) if k > 1 else False
-        out.append(render_scene(s, size, n_objects=k, occlusion=occ))
-    return out
+def _base_scene(args: tuple[int, int, float]) -> Scene:
+    s, size, occlusion_fraction = args
+    rng = np.random.default_rng([s, 1])
+    k = int(rng.integers(1, 4))
+    occ = bool(rng.random() < occlusion_fraction) if k > 1 else False
+    return render_scene(s, size, n_objects=k, occlusion=occ)
+
+
+def base_scenes(n: int, size: int = 256, seed: int = 0, occlusion_fraction: float = 0.5,
+                workers: int = 1) -> list[Scene]:
+    """n multi-object scenes of plain class members for base training; a fixed share with occlusion.
+
+    Each scene depends on its own seed only, so workers > 1 (processes) gives the same list."""
+    jobs = [(seed * 1_000_003 + i, size, occlusion_fraction) for i in range(n)]
+    if workers <= 1 or n < 64:
+        return [_base_scene(j) for j in jobs]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(_base_scene, jobs, chunksize=32)
 
 
 def to_tensor_batch(scenes: Sequence[Scene]):

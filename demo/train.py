@@ -259,6 +259,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--scenes", type=int, default=None, help="base training scenes (default 4000, tiny 16)")
     p.add_argument("--concept-images", type=int, default=16)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--batch", type=int, default=64, help="UNet and VAE batch (LoRAs: all concept images)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -274,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     lora_steps = max(1, unet_steps // 4) if args.steps is not None or args.tiny else 400
     vae_steps = args.vae_steps if args.vae_steps is not None else vae_steps
     lora_steps = args.lora_steps if args.lora_steps is not None else lora_steps
-    batch = 4 if args.tiny else 32
+    batch = 4 if args.tiny else args.batch
     budget = args.minutes * 60
     t0 = time.monotonic()
     seed_everything(args.seed)
@@ -289,13 +290,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     unet_cfg, vae_cfg, text_cfgs = demo_configs(args.tiny)
     model = SDXL.random(unet_cfg, vae_cfg, text_cfgs, seed=args.seed, device=device, size_embed_dim=SIZE_EMBED)
     model.text.requires_grad_(False)
-    scenes = base_scenes(n_scenes, size, seed=args.seed)
+    scenes = base_scenes(n_scenes, size, seed=args.seed, workers=min(16, os.cpu_count() or 1))
     images = to_tensor_batch(scenes)
     captions = [s.caption for s in scenes]
     log: list = []
 
     # budget split: VAE 20 %, UNet 60 %, LoRAs the rest
-    train_vae(model, images, vae_steps, batch, 1e-3 if args.tiny else 4e-4, device, t0 + 0.2 * budget, log)
+    stage_seconds = {"scenes": time.monotonic() - t0}
+    t_stage = time.monotonic()
+    train_vae(model, images, vae_steps, min(batch, 32), 1e-3 if args.tiny else 6e-4, device, t0 + 0.2 * budget, log)
+    stage_seconds["vae"] = time.monotonic() - t_stage
     model.vae.requires_grad_(False)
     raw = encode_latents(model, images, device)
     scale = set_scaling_factor(model, raw)
@@ -303,9 +307,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cond = Conditioner(model, size)
     model.unet.train()
     eval_before = eval_loss(model, latents, captions, cond)
-    train_unet(model, latents, captions, cond, unet_steps, batch, 1e-3 if args.tiny else 3e-4,
+    t_stage = time.monotonic()
+    train_unet(model, latents, captions, cond, unet_steps, batch, 1e-3 if args.tiny else 5e-4,
                t0 + 0.8 * budget, log)
     model.unet.eval()
+    stage_seconds["unet"] = time.monotonic() - t_stage
     eval_after = eval_loss(model, latents, captions, cond)
     model.unet.requires_grad_(False)
 
@@ -317,10 +323,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         c_lat = encode_latents(model, to_tensor_batch(c_scenes), device) * scale
         c_caps = [s.caption for s in c_scenes]
         wrapped = add_lora(model.unet, args.rank, float(args.rank))
+        t_stage = time.monotonic()
         params = [p for w in wrapped.values() for p in (w.down.weight, w.up.weight)]
         before = eval_loss(model, c_lat, c_caps, cond)
         train_unet(model, c_lat, c_caps, cond, lora_steps, min(batch, len(c_lat)), 1e-3, time.monotonic() +
                    per_concept, log, tag=f"lora:{name}", params=params, drop=0.0, seed=10 + i)
+        stage_seconds[f"lora:{name}"] = time.monotonic() - t_stage
         lora_evals[name] = (before, eval_loss(model, c_lat, c_caps, cond))
         path = os.path.join(args.out, f"{name}.safetensors")
         # one metadata key: safetensors writes metadata in hash-map order, so several keys would make the
@@ -338,7 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     summary = {"checkpoint": ckpt, "loras": loras, "size": size, "scaling_factor": scale,
                "unet_eval_loss": [eval_before, eval_after], "lora_eval_loss": lora_evals,
                "steps": {tag: sum(1 for t, _, _ in log if t == tag) for tag in {t for t, _, _ in log}},
-               "seconds": time.monotonic() - t0, "args": vars(args),
+               "seconds": time.monotonic() - t0, "stage_seconds": stage_seconds, "args": vars(args),
                "concepts": {n: {"class_name": s.class_name, "phrase": s.phrase} for n, s in CONCEPTS.items()}}
     with atomic_path(os.path.join(args.out, "train_log.json")) as tmp, open(tmp, "w") as f:
         json.dump({**summary, "log": log}, f, indent=1)

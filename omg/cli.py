@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "demo",
                                "demo_sdxl.safetensors")  # written by demo/train.py
+DEMO_SPEC = os.path.join(os.path.dirname(DEMO_CHECKPOINT), "demo.yaml")  # the demo's prompt and concepts
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -121,6 +122,9 @@ def generate_command(args: argparse.Namespace) -> int:
     from omg.masks import overlay_heatmap, overlay_masks
 
     spec = load_spec(args.spec) if args.spec else {}
+    if not (args.spec or args.prompt or args.checkpoint or args.concept) and os.path.exists(DEMO_SPEC):
+        spec = load_spec(DEMO_SPEC)  # bare `omg generate`: the demo world's scene, with its masks
+        args.save_masks = True
     options = {k: v for k, v in vars(args).items() if v is not None and k not in ("spec", "concept", "command")}
     spec.update({k: v for k, v in options.items() if k not in ("out", "save_masks", "save_attention", "no_progress")
                  and not (k == "concept")})
@@ -132,7 +136,7 @@ def generate_command(args: argparse.Namespace) -> int:
     dtype_name = spec.pop("dtype", None) or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
     model, source = _load_model(spec.pop("checkpoint", None), device, dtype)
-    if source == "random-tiny":
+    if source in ("random-tiny", DEMO_CHECKPOINT):  # both are 256-pixel models
         spec.setdefault("height", 256)
         spec.setdefault("width", 256)
     known = {"negative_prompt", "steps", "guidance", "blend_steps", "seed", "height", "width", "sampler", "store",

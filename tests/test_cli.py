@@ -1,4 +1,4 @@
-"""The `omg generate` command on the small random model (no weights are shipped yet)."""
+"""The `omg generate` command, on the shipped demo weights (weights/demo/) and on the random fallback model."""
 import json
 import warnings
 
@@ -55,3 +55,25 @@ def test_bad_input_is_one_line_error_and_no_file(tmp_path, capsys):
 ])
 def test_parse_concept(text, expected):
     assert cli.parse_concept(text) == expected
+
+
+def test_bare_command_renders_the_demo_scene_with_masks(tmp_path):
+    """`omg generate` with no prompt and no checkpoint: the demo weights, weights/demo/demo.yaml, masks written."""
+    out = tmp_path / "demo.png"
+    assert run_cli(["generate", "--steps", "3", "--blend-steps", "2", "--out", str(out), "--no-progress"]) == 0
+    for name in ("demo.png", "demo_stage1.png", "demo_masks.png"):
+        assert (tmp_path / name).exists(), name
+    image = Image.open(out)
+    params = json.loads(image.text["parameters"])
+    assert image.size == (256, 256) and params["checkpoint"] == cli.DEMO_CHECKPOINT
+    assert [c["class_name"] for c in params["concepts"]] == ["ball", "box"]
+    assert all(c["lora"].endswith(".safetensors") for c in params["concepts"])
+
+
+def test_without_demo_weights_falls_back_to_a_random_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "DEMO_CHECKPOINT", str(tmp_path / "missing.safetensors"))
+    out = tmp_path / "r.png"
+    with pytest.warns(UserWarning, match="RANDOM"):
+        rc = cli.main(["generate", "--prompt", "a dog", "--steps", "2", "--blend-steps", "1", "--height", "64", "--width", "64",
+                       "--out", str(out), "--no-progress"])
+    assert rc == 0 and json.loads(Image.open(out).text["parameters"])["checkpoint"] == "random-tiny"

@@ -144,3 +144,32 @@ def test_tiny_training_is_reproducible(tmp_path):
         files.append({f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if f.endswith(".safetensors")})
     assert files[0].keys() == {"demo_sdxl.safetensors", *(f"{n}.safetensors" for n in CONCEPTS)}
     assert files[0] == files[1]
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "demo")
+
+
+def test_shipped_demo_weights_load_strictly_and_fit_the_budget():
+    """weights/demo/: the SGM checkpoint has demo_configs()'s shapes, every LoRA key lands, <= 40 MB in all."""
+    import omg
+    from demo.train import demo_configs
+    from omg.lora import load_lora
+
+    sizes = {f: os.path.getsize(os.path.join(SHIPPED, f)) for f in os.listdir(SHIPPED)}
+    assert {"demo_sdxl.safetensors", *(f"{n}.safetensors" for n in CONCEPTS)} <= sizes.keys()
+    assert sum(sizes.values()) <= 40e6, sizes
+    model = omg.load_sdxl(os.path.join(SHIPPED, "demo_sdxl.safetensors"), device="cpu", dtype=torch.float32)
+    unet_cfg, vae_cfg, _ = demo_configs()
+    for field in ("model_channels", "channel_mult", "transformer_depth", "transformer_depth_middle", "head_dim"):
+        assert getattr(model.unet.config, field) == getattr(unet_cfg, field), field
+    assert model.vae.config.ch == vae_cfg.ch and model.vae.config.ch_mult == vae_cfg.ch_mult
+    log = json.loads(open(os.path.join(SHIPPED, "train_log.json")).read())
+    assert model.vae.config.scaling_factor == pytest.approx(log["scaling_factor"])
+    projections = 4 * len(model.unet.attention_layers())
+    for name in CONCEPTS:
+        lora = load_lora(os.path.join(SHIPPED, f"{name}.safetensors"))
+        assert len(lora.adapters) == projections and not lora.unknown_keys
+    # the shipped files came from fixed step counts (the budget did not cut a stage short)
+    assert log["steps"] == {"vae": log["args"]["vae_steps"], "unet": log["args"]["steps"],
+                            **{f"lora:{n}": log["args"]["lora_steps"] for n in CONCEPTS}}
+    assert log["unet_eval_loss"][1] < 0.5 * log["unet_eval_loss"][0]
