@@ -37,6 +37,7 @@ from bench.lora import random_unet  # noqa: E402
 from kernels import blend as kblend  # noqa: E402
 from kernels import cross_attention as kca  # noqa: E402
 from omg.attention import AttentionControl, attention_probs  # noqa: E402
+from omg.graphs import GraphedCall  # noqa: E402
 from omg.sampling import apply_guidance  # noqa: E402
 from omg.unet import UNetConfig  # noqa: E402
 
@@ -309,9 +310,25 @@ def bench_unet(args, device, smoke: bool) -> dict:
                 return forward()
         return replay
 
+    def graphed(fn_of_x, heat=None):  # the same call replayed as one CUDA graph (omg.graphs; what generate runs)
+        if device != "cuda":
+            return lambda: fn_of_x(x)
+        call = GraphedCall(fn_of_x, heat=heat)
+        return lambda: call(x)
+
+    recompute_call, recompute_control = control_capture("recompute")
+
+    def recompute_capture(xx):  # stage 1 of generate(): heat maps of the class tokens, nothing stored
+        with recompute_control:
+            recompute_control.mode, recompute_control.step, recompute_control.cond_rows = "capture", 0, slice(1, 2)
+            return forward(xx)
+
     captures = {fmt: KernelAttention("capture", map_format=fmt, tokens=tokens) for fmt in ("log8", "bf16")}
     variants = {
         "plain": forward,
+        "plain_cuda_graph": graphed(forward),
+        "control_capture_recompute_heat": recompute_call,
+        "control_capture_recompute_heat_cuda_graph": graphed(recompute_capture, recompute_control.heatmaps),
         "sdpa_processor_all_layers": with_processor(lambda layer, xx, c: layer.out(
             F.scaled_dot_product_attention(*layer.qkv(xx, c))), kind=None),
         "triton_attn2": with_processor(KernelAttention("plain")),
@@ -341,7 +358,7 @@ def bench_unet(args, device, smoke: bool) -> dict:
     base = forward().float()
     diffs = {name: (variants[name]().float() - base).abs().max().item()
              for name in ("triton_attn2", "triton_capture_log8_heat", "sdpa_plus_maps_only_log8_heat",
-                          "control_capture_maps_heat")}
+                          "control_capture_maps_heat", "plain_cuda_graph", "control_capture_recompute_heat_cuda_graph")}
     print("  max |out - plain|: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()), flush=True)
     store_bytes = {fmt: sum(m.numel() * m.element_size() for m in proc.maps.values()) for fmt, proc in captures.items()}
     for fmt, b in store_bytes.items():
@@ -396,6 +413,11 @@ def summary(payload: dict) -> dict:
         out["stage1_step_sdpa_plus_maps_log8_vs_plain"] = ratios["sdpa_plus_maps_only_log8_heat"]
         out["stage1_step_capture_bf16_vs_plain"] = ratios["triton_capture_bf16_heat"]
         out["stage1_step_attention_control_maps_vs_plain"] = ratios["control_capture_maps_heat"]
+        # what generate() runs in stage 1: store="recompute" (heat maps only), eager and as a CUDA graph
+        out["stage1_step_generate_capture_vs_plain"] = ratios["control_capture_recompute_heat"]
+        ms = payload["unet"]["ms"]
+        out["stage1_step_generate_capture_graph_vs_plain_graph"] = round(
+            ms["control_capture_recompute_heat_cuda_graph"] / ms["plain_cuda_graph"], 4)
     if "store" in payload:
         out["store_gib_log8"] = payload["store"]["maps_log8_gib_total"]
         out["store_gib_bf16"] = payload["store"]["maps_bf16_gib_total"]
@@ -415,6 +437,7 @@ def main() -> None:
     parser.add_argument("--unet-iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="CPU, interpreted kernels, tiny shapes, no JSON")
+    parser.add_argument("--name", default="kernels", help="JSON name: bench/results/<name>_<gpu>.json")
     args = parser.parse_args()
     if args.smoke:
         device, layers = "cpu", SMOKE_LAYERS
@@ -448,7 +471,7 @@ def main() -> None:
     if args.smoke:
         print("smoke run done (no JSON written)")
         return
-    print("wrote", write_json("kernels", payload))
+    print("wrote", write_json(args.name, payload))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def boxes(k: int, size: int = 1024) -> list[tuple[int, int, int, int]]:
     return [(edges[i], 0, edges[i + 1], size) for i in range(k)]
 
 
-def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0) -> dict:
+def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0, graphs: bool = True) -> dict:
     concepts = [Concept(CLASSES[i], f"a photo of sks {CLASSES[i]}", lora=loras[i], mask=box)
                 for i, box in enumerate(boxes(k))]
     gc.collect()
@@ -59,16 +59,18 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
     result = generate(model, PROMPT, concepts, steps=args.steps, blend_steps=args.blend_steps, height=1024,
-                      width=1024, store=store, self_replay_steps=self_replay, progress=False)
+                      width=1024, store=store, self_replay_steps=self_replay, progress=False,
+                      cuda_graphs=graphs and store == "recompute" and not self_replay)
     peak = torch.cuda.max_memory_allocated()
     t = result.timings
     seconds = t["total"]
-    row = dict(k=k, store=store, self_replay_steps=self_replay, seconds=round(seconds, 3), timings={n: round(v, 3) for n, v in t.items()},
+    row = dict(k=k, store=store, self_replay_steps=self_replay,
+               cuda_graphs=graphs and store == "recompute" and not self_replay, seconds=round(seconds, 3), timings={n: round(v, 3) for n, v in t.items()},
                unet_evaluations=result.unet_evaluations, peak_gib=round(peak / 2**30, 2),
                peak_above_model_gib=round((peak - resident) / 2**30, 2),
                store_gib=round(result.store_bytes / 2**30, 3),
                utilisation=round(result.unet_evaluations * TFLOP_PER_EVAL / seconds / H100_BF16_DENSE, 3))
-    print(f"k={k} store={store:9s} self-replay {self_replay}: {seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
+    print(f"k={k} store={store:9s} self-replay {self_replay} graphs {row['cuda_graphs']:d}: {seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
           f"stage2 {t['stage2']:.2f}, decode {t['decode'] + t['decode_stage1']:.2f}, setup {t['setup']:.2f}); "
           f"{result.unet_evaluations} evals; peak {row['peak_gib']:.2f} GiB; store {row['store_gib']:.2f} GiB; "
           f"utilisation {row['utilisation']:.1%}", flush=True)
@@ -85,17 +87,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--blend-steps", type=int, default=35)
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--eager-k", type=int, nargs="*", default=[2], help="also run these k without CUDA graphs")
+    parser.add_argument("--name", default="omg", help="JSON name: bench/results/<name>_<gpu>.json")
     args = parser.parse_args()
     model = random_sdxl(DTYPES[args.dtype])
     loras = [load_lora(kohya_lora(model.unet, 64, locon=False, seed=i + 1), device="cuda")
              for i in range(max(args.concepts + [args.store_k]))]
     run(model, loras, 1, "recompute", args)  # warm-up
-    rows = [run(model, loras, k, "recompute", args) for k in args.concepts]  # the default store
+    rows = [run(model, loras, k, "recompute", args) for k in args.concepts]  # the default store, CUDA graphs
+    rows += [run(model, loras, k, "recompute", args, graphs=False) for k in args.eager_k]
     rows += [run(model, loras, args.store_k, s, args) for s in args.stores if s != "recompute"]
     if args.self_replay:
         rows.append(run(model, loras, args.store_k, "recompute", args, self_replay=args.self_replay))
-    by_k = {r["k"]: r for r in rows if r["store"] == "recompute" and not r["self_replay_steps"]}
-    summary = {}
+    by_k = {r["k"]: r for r in rows if r["store"] == "recompute" and not r["self_replay_steps"] and r["cuda_graphs"]}
+    for r in rows:
+        if not r["cuda_graphs"] and r["store"] == "recompute" and not r["self_replay_steps"] and r["k"] in by_k:
+            summary_key = f"k{r['k']}_eager_over_graphs"
+            print(f"{summary_key}: {r['seconds'] / by_k[r['k']]['seconds']:.3f}")
+    summary = {f"k{r['k']}_eager_over_graphs": round(r["seconds"] / by_k[r["k"]]["seconds"], 3) for r in rows
+               if not r["cuda_graphs"] and r["store"] == "recompute" and not r["self_replay_steps"] and r["k"] in by_k}
     if 1 in by_k and 5 in by_k:
         summary["time_k5_over_k1"] = round(by_k[5]["seconds"] / by_k[1]["seconds"], 3)
     ks = sorted(by_k)
@@ -103,9 +113,10 @@ def main() -> None:
         growth = (by_k[ks[-1]]["peak_gib"] - by_k[ks[0]]["peak_gib"]) / (ks[-1] - ks[0])
         summary["peak_growth_per_concept_gib"] = round(growth, 3)
     print(summary)
-    path = write_json("omg", {"steps": args.steps, "blend_steps": args.blend_steps, "dtype": args.dtype,
+    path = write_json(args.name, {"steps": args.steps, "blend_steps": args.blend_steps, "dtype": args.dtype,
                               "resolution": 1024, "lora_rank": 64, "rows": rows, "summary": summary,
-                              "note": "random weights; user boxes as masks; eager PyTorch"})
+                              "note": "random weights; user boxes as masks; PyTorch eager kernels, each repeated UNet call "
+                                      "replayed as a CUDA graph where cuda_graphs is true"})
     print("wrote", path, "on", device_name())
 
 

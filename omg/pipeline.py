@@ -25,6 +25,7 @@ from torch import Tensor
 import kernels
 from omg.attention import STORES, AttentionControl
 from omg.errors import SamplingError
+from omg.graphs import GraphedCall, graphs_usable
 from omg.lora import ConceptWeights, LoraFile, load_lora, text_encoder_lora
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks
 from omg.sampling import (SAMPLERS, EpsDenoiser, NoiseSchedule, apply_guidance, guided_eps, randn_cpu,
@@ -138,12 +139,17 @@ class BlendedEps:
 
     def __init__(self, unet: Any, record: Stage1Record, base_cond: tuple[Tensor, Tensor],
                  concept_cond: Sequence[tuple[Tensor, Tensor]], weights: Sequence[Optional[ConceptWeights]],
-                 masks: Tensor, active: Sequence[int], guidance: float, guidance_rescale: float = 0.0):
+                 masks: Tensor, active: Sequence[int], guidance: float, guidance_rescale: float = 0.0,
+                 replay: bool = True, cuda_graphs: bool = False):
         self.unet, self.record = unet, record
+        # one CUDA graph per role (base pass, each concept), captured at its first call; see omg.graphs
+        self.cuda_graphs, self.graphs, self.graph_pool = cuda_graphs, {}, None
+        self.replay = replay  # False: the base pass runs plain attention (ablation: no layout preservation)
         self.base_cond, self.concept_cond, self.weights = base_cond, list(concept_cond), list(weights)
         self.masks, self.active = masks, list(active)
         self.guidance, self.guidance_rescale = guidance, guidance_rescale
         self.dtype = next(unet.parameters()).dtype
+        self.recompute_cond: Optional[tuple[Tensor, Tensor]] = None
         self.calls = 0
         self.evaluations = 0
 
@@ -154,9 +160,20 @@ class BlendedEps:
         """k-diffusion's model(x, sigma) -> denoised over this blended prediction."""
         return EpsDenoiser(self, schedule)
 
-    def _unet(self, x: Tensor, t: Tensor, ctx: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    def _unet(self, x: Tensor, t: Tensor, ctx: Tensor, y: Tensor, role: Any = None) -> tuple[Tensor, ...]:
         self.evaluations += x.shape[0]
-        return self.unet(x.to(self.dtype), t.expand(x.shape[0]), ctx, y).float().chunk(x.shape[0])
+        x, t = x.to(self.dtype), t.expand(x.shape[0])
+        if not self.cuda_graphs:
+            return self.unet(x, t, ctx, y).float().chunk(x.shape[0])
+        call = self.graphs.get(role)
+        if call is None:
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()  # the roles run one after another: one pool
+            call = self.graphs[role] = GraphedCall(lambda x_, t_: self.unet(x_, t_, ctx, y), pool=self.graph_pool)
+        return call(x, t.contiguous()).float().chunk(x.shape[0])
+
+    def _captured(self, role: Any) -> bool:
+        return role in self.graphs and self.graphs[role].ready
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         n, record, control = self.calls, self.record, self.record.control
@@ -165,23 +182,27 @@ class BlendedEps:
             return record.eps_before_blend[n]
         t = t.reshape(-1)[:1]
         context, y = self.base_cond
-        control.mode, control.step = "replay", n
-        if control.store == "recompute":  # [uncond, stage-1 cond (source), cond]
+        control.mode, control.step = ("replay" if self.replay else "plain"), n
+        if not self.replay:
+            base_u, base_c = self._unet(torch.cat([x, x]), t, context, y, "base")
+        elif control.store == "recompute":  # [uncond, stage-1 cond (source), cond]
             control.cond_rows, control.source_rows = slice(2, 3), slice(1, 2)
-            base_u, _, base_c = self._unet(torch.cat([x, record.source_latents[n], x]), t,
-                                           torch.cat([context, context[1:]]), torch.cat([y, y[1:]]))
+            if self.recompute_cond is None:
+                self.recompute_cond = (torch.cat([context, context[1:]]), torch.cat([y, y[1:]]))
+            base_u, _, base_c = self._unet(torch.cat([x, record.source_latents[n], x]), t, *self.recompute_cond,
+                                           "base")
         else:
             control.cond_rows = slice(1, 2)
-            base_u, base_c = self._unet(torch.cat([x, x]), t, context, y)
+            base_u, base_c = self._unet(torch.cat([x, x]), t, context, y, "base")
         control.mode = "plain"
         concept_eps = []
         for i in self.active:
             ctx_i, y_i = self.concept_cond[i]
-            if self.weights[i] is None:
-                concept_eps.append(self._unet(torch.cat([x, x]), t, ctx_i, y_i))
+            if self.weights[i] is None or self._captured(i):  # a captured graph holds its weights' pointers
+                concept_eps.append(self._unet(torch.cat([x, x]), t, ctx_i, y_i, i))
             else:
                 with self.weights[i].applied(self.unet):
-                    concept_eps.append(self._unet(torch.cat([x, x]), t, ctx_i, y_i))
+                    concept_eps.append(self._unet(torch.cat([x, x]), t, ctx_i, y_i, i))
         masks = self.masks[self.active]
         if self.guidance_rescale:  # the kernel blends; the rescale needs the blended halves
             eps_u, eps_c = kernels.blend_eps(base_u, base_c, concept_eps, masks)
@@ -192,13 +213,19 @@ class BlendedEps:
 def run_stage1(unet: Any, noise: Tensor, sigmas: Tensor, base_cond: tuple[Tensor, Tensor], control: AttentionControl,
                blend_start: int, guidance: float, guidance_rescale: float = 0.0, sampler: str = "ddim",
                self_replay_steps: int = 0, seed: int = 0, schedule: Optional[NoiseSchedule] = None,
-               progress: bool = True, sampler_options: Optional[dict] = None) -> tuple[Tensor, Tensor, Stage1Record, int]:
+               progress: bool = True, sampler_options: Optional[dict] = None,
+               cuda_graphs: bool = False) -> tuple[Tensor, Tensor, Stage1Record, int]:
     """Sample the global prompt with the base model, capturing for steps >= blend_start.
 
+    cuda_graphs: replay the UNet call as one CUDA graph (valid with store="recompute" and no self-attention
+    replay: then every stage-1 call runs the same processors; see omg.graphs).
     Returns (final latent, latent entering the blend start, record, UNet evaluations at batch 1).
     """
     record = Stage1Record(control)
-    guided = guided_eps(unet_eps_fn(unet, *base_cond), guidance, guidance_rescale)  # what omg.sample runs
+    unet_call = unet_eps_fn(unet, *base_cond)
+    if cuda_graphs:
+        unet_call = GraphedCall(unet_call, heat=control.heatmaps)
+    guided = guided_eps(unet_call, guidance, guidance_rescale)  # what omg.sample runs
     state = {"calls": 0, "steps_done": 0, "evaluations": 0}
     kept: dict[str, Tensor] = {}
 
@@ -241,7 +268,8 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
              store_dtype: Optional[torch.dtype] = torch.bfloat16, map_format: Optional[str] = None,
              self_replay_steps: int = 0,
              sam: Union[str, SamRefiner, None] = None, dilate: int = 0, feather: float = 0.0,
-             strict: bool = False, progress: bool = True, keep_stage2: bool = False) -> Result:
+             strict: bool = False, progress: bool = True, keep_stage2: bool = False, replay: bool = True,
+             cuda_graphs: Optional[bool] = None) -> Result:
     """Render `prompt` with every concept's identity inside its region (OMG, Kong et al. 2024).
 
     concepts: omg.Concept list; each class_name must occur in the prompt (twice for two concepts of one
@@ -260,10 +288,21 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     1.6 GiB of queries and keys at 1024x1024 and 0.7 s (H100, bench/results/omg_h100.json). sam: a segment-anything checkpoint path or
     SamRefiner to refine the attention masks. Stage 1 and stage 2 use the same seed. keep_stage2: return
     stage 2's BlendedEps in result.stage2 so that another sampler can drive it (see BlendedEps).
+    replay=False (an ablation, the paper's blending without layout preservation): stage 2's base pass runs
+    plain attention on the blended latent instead of replaying stage 1's cross-attention; stage 1, its masks
+    and the concept passes are unchanged.
+    cuda_graphs: run each repeated UNet call (stage 1; stage 2's base pass and each concept pass) as a
+    replayed CUDA graph. None (default): on when the model is on CUDA, store="recompute" and
+    self_replay_steps=0, the cases where every call of a role runs the same processors; the output is the
+    same as without (tested on the GPU).
     """
     concepts = list(concepts)
     _validate(model, prompt, concepts, steps, blend_steps, height, width, sampler, store)
     unet, device = model.unet, model.device
+    graphable = graphs_usable(torch.device(device)) and store == "recompute" and self_replay_steps == 0
+    if cuda_graphs and not graphable:
+        raise SamplingError("cuda_graphs needs a CUDA model, store='recompute' and self_replay_steps=0")
+    cuda_graphs = graphable if cuda_graphs is None else cuda_graphs
     dtype = next(unet.parameters()).dtype
     names = [c.class_name for c in concepts]
     token_indices = concept_token_indices(prompt, names) if concepts else []
@@ -291,7 +330,7 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     # ---- stage 1 ------------------------------------------------------------------------------------------
     stage1, blend_start_latent, record, evaluations = run_stage1(
         unet, noise, sigmas, base_cond, control, steps - blend_steps, guidance, guidance_rescale, sampler,
-        self_replay_steps, seed, schedule, progress, sampler_options)
+        self_replay_steps, seed, schedule, progress, sampler_options, cuda_graphs)
     start = timer.lap("stage1", start)
     stage1_image = latents_to_images(model.vae, stage1)[0]
     start = timer.lap("decode_stage1", start)
@@ -310,7 +349,7 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     final, blended = stage1, None
     if blend_steps > 0:
         blended = BlendedEps(unet, record, base_cond, concept_cond, weights, concept_masks.masks.to(device),
-                             active, guidance, guidance_rescale)
+                             active, guidance, guidance_rescale, replay, cuda_graphs)
         with control:
             final = run_sampler(blended, noise, sigmas, sampler, schedule=schedule, disable=not progress,
                                 generator=torch.Generator().manual_seed(seed), **(sampler_options or {}))
