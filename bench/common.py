@@ -66,7 +66,9 @@ def peak_memory_gib(fn: Callable[[], object]) -> float:
 def write_json(name: str, payload: dict, out_dir: str | None = None) -> str:
     """Write bench/results/<name>_<gpu>.json (and a copy under $OUT when set); return the path."""
     payload = {"bench": name, "device": device_name(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+               "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "command": "python -m bench." + os.path.basename(sys.argv[0]).removesuffix(".py") + "".join(
+                   " " + a for a in sys.argv[1:]), **payload}
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}_{gpu_slug()}.json")
