@@ -79,39 +79,47 @@ def row(**kw):
 
 # ------------------------------------------------------------------------------------------- attention
 
-def bench_attention(args, layers, device) -> list[dict]:
-    rows_out = []
+def layer_cases(args, layers, device):
+    """Every (dtype, attn2 layer, batch) of the run: fresh q, k, v and the conditional rows (the second half)."""
     for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
         for layer, (n, heads) in layers.items():
             for batch in args.batches:
-                q, k, v = make_qkv(batch, n, heads, dtype, device)
-                rows = slice(batch // 2, batch)
-                tokens = torch.tensor(TOKENS, dtype=torch.int32, device=device)
-                heat = torch.zeros(batch - batch // 2, n, len(TOKENS), device=device)
-                variants = {
-                    "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-                    "triton": lambda: kca.cross_attention_triton(q, k, v),
-                    "triton_capture_heat": lambda: kca.capture_triton(q, k, v, rows, None, tokens, heat),
-                    "triton_capture_log8_heat": lambda: kca.capture_triton(q, k, v, rows, "log8", tokens, heat),
-                    "triton_capture_bf16_heat": lambda: kca.capture_triton(q, k, v, rows, "bf16", tokens, heat),
-                    "triton_maps_only_log8_heat": lambda: kca.capture_maps_triton(q, k, rows, "log8", tokens, heat),
-                    "sdpa_plus_maps_only_log8_heat": lambda: (F.scaled_dot_product_attention(q, k, v),
-                                                              kca.capture_maps_triton(q, k, rows, "log8", tokens,
-                                                                                      heat)),
-                    "torch_capture_bf16_heat": lambda: torch_capture(q, k, v, rows, tokens.long(), heat),
-                    "torch_explicit_all_rows": lambda: explicit_all_rows(q, k, v, rows),
-                }
-                times = {name: time_ms(fn, iters=args.iters) for name, fn in variants.items()}
-                ref = kca.cross_attention_reference(q, k, v).float()
-                err = {"triton": (kca.cross_attention_triton(q, k, v).float() - ref).abs().max().item(),
-                       "sdpa": (F.scaled_dot_product_attention(q, k, v).float() - ref).abs().max().item()}
-                sdpa = times["sdpa"]
-                rows_out.append(row(dtype=dtype_name, layer=layer, batch=batch,
-                                    **{f"{k}_us": round(ms * 1e3, 1) for k, ms in times.items()},
-                                    **{f"{k}_vs_sdpa": round(ms / sdpa, 3) for k, ms in times.items() if k != "sdpa"},
-                                    max_err_triton=err["triton"], max_err_sdpa=err["sdpa"]))
-                del q, k, v, heat
+                q, k, v = make_qkv(batch, n, heads, DTYPES[dtype_name], device)
+                yield dtype_name, layer, batch, q, k, v, slice(batch // 2, batch)
+                del q, k, v
+
+
+def timed(variants: dict, iters: int, **labels) -> dict:
+    """labels + each variant's time (us) and its ratio to the "sdpa" variant."""
+    times = {name: time_ms(fn, iters=iters) for name, fn in variants.items()}
+    sdpa = times["sdpa"]
+    return {**labels, **{f"{k}_us": round(ms * 1e3, 1) for k, ms in times.items()},
+            **{f"{k}_vs_sdpa": round(ms / sdpa, 3) for k, ms in times.items() if k != "sdpa"}}
+
+
+def bench_attention(args, layers, device) -> list[dict]:
+    rows_out = []
+    for dtype_name, layer, batch, q, k, v, rows in layer_cases(args, layers, device):
+        tokens = torch.tensor(TOKENS, dtype=torch.int32, device=device)
+        heat = torch.zeros(batch - batch // 2, q.shape[2], len(TOKENS), device=device)
+        variants = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            "triton": lambda: kca.cross_attention_triton(q, k, v),
+            "triton_capture_heat": lambda: kca.capture_triton(q, k, v, rows, None, tokens, heat),
+            "triton_capture_log8_heat": lambda: kca.capture_triton(q, k, v, rows, "log8", tokens, heat),
+            "triton_capture_bf16_heat": lambda: kca.capture_triton(q, k, v, rows, "bf16", tokens, heat),
+            "triton_maps_only_log8_heat": lambda: kca.capture_maps_triton(q, k, rows, "log8", tokens, heat),
+            "sdpa_plus_maps_only_log8_heat": lambda: (F.scaled_dot_product_attention(q, k, v),
+                                                      kca.capture_maps_triton(q, k, rows, "log8", tokens, heat)),
+            "torch_capture_bf16_heat": lambda: torch_capture(q, k, v, rows, tokens.long(), heat),
+            "torch_explicit_all_rows": lambda: explicit_all_rows(q, k, v, rows),
+        }
+        measured = timed(variants, args.iters, dtype=dtype_name, layer=layer, batch=batch)
+        ref = kca.cross_attention_reference(q, k, v).float()
+        err = {"triton": (kca.cross_attention_triton(q, k, v).float() - ref).abs().max().item(),
+               "sdpa": (F.scaled_dot_product_attention(q, k, v).float() - ref).abs().max().item()}
+        rows_out.append(row(**measured, max_err_triton=err["triton"], max_err_sdpa=err["sdpa"]))
+        del heat
     return rows_out
 
 
@@ -119,41 +127,33 @@ def bench_attention(args, layers, device) -> list[dict]:
 
 def bench_replay(args, layers, device) -> list[dict]:
     rows_out = []
-    for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        for layer, (n, heads) in layers.items():
-            for batch in args.batches:
-                q, k, v = make_qkv(batch, n, heads, dtype, device)
-                rows = slice(batch // 2, batch)
-                r = batch - batch // 2
-                stage1 = make_qkv(r, n, heads, dtype, device)
-                maps = {fmt: kca.capture_triton(*stage1, slice(0, r), fmt).maps for fmt in ("log8", "bf16")}
-                saved_out = torch.randn(r, n, heads * HEAD_DIM, device=device, dtype=torch.bfloat16)
-                dest = torch.empty(batch, n, heads * HEAD_DIM, device=device, dtype=dtype)
+    for dtype_name, layer, batch, q, k, v, rows in layer_cases(args, layers, device):
+        dtype, heads, n = q.dtype, q.shape[1], q.shape[2]
+        r = batch - batch // 2
+        stage1 = make_qkv(r, n, heads, dtype, device)
+        maps = {fmt: kca.capture_triton(*stage1, slice(0, r), fmt).maps for fmt in ("log8", "bf16")}
+        saved_out = torch.randn(r, n, heads * HEAD_DIM, device=device, dtype=torch.bfloat16)
+        dest = torch.empty(batch, n, heads * HEAD_DIM, device=device, dtype=dtype)
 
-                def outputs_store():  # AttentionControl store="outputs": every row computed, stored rows copied in
-                    F.scaled_dot_product_attention(q, k, v)
-                    dest[rows] = saved_out.to(dtype)
+        def outputs_store():  # AttentionControl store="outputs": every row computed, stored rows copied in
+            F.scaled_dot_product_attention(q, k, v)
+            dest[rows] = saved_out.to(dtype)
 
-                def torch_maps():  # AttentionControl store="maps": SDPA, then A · V of the rows
-                    out = F.scaled_dot_product_attention(q, k, v)
-                    return out, torch.einsum("bhnt,bhtd->bhnd", maps["bf16"].to(dtype), v[rows])
+        def torch_maps():  # AttentionControl store="maps": SDPA, then A · V of the rows
+            out = F.scaled_dot_product_attention(q, k, v)
+            return out, torch.einsum("bhnt,bhtd->bhnd", maps["bf16"].to(dtype), v[rows])
 
-                variants = {
-                    "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-                    "outputs_copy_only": lambda: dest[rows].copy_(saved_out),
-                    "outputs_store": outputs_store,
-                    "triton_replay_log8": lambda: kca.replay_triton(q, k, v, maps["log8"], rows),
-                    "triton_replay_bf16": lambda: kca.replay_triton(q, k, v, maps["bf16"], rows),
-                    "triton_maps_only_log8": lambda: kca.replay_maps_triton(maps["log8"], v[rows]),
-                    "torch_maps_bf16": torch_maps,
-                }
-                times = {name: time_ms(fn, iters=args.iters) for name, fn in variants.items()}
-                sdpa = times["sdpa"]
-                rows_out.append(row(dtype=dtype_name, layer=layer, batch=batch,
-                                    **{f"{k}_us": round(ms * 1e3, 1) for k, ms in times.items()},
-                                    **{f"{k}_vs_sdpa": round(ms / sdpa, 3) for k, ms in times.items() if k != "sdpa"}))
-                del q, k, v, stage1, maps, saved_out, dest
+        variants = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            "outputs_copy_only": lambda: dest[rows].copy_(saved_out),
+            "outputs_store": outputs_store,
+            "triton_replay_log8": lambda: kca.replay_triton(q, k, v, maps["log8"], rows),
+            "triton_replay_bf16": lambda: kca.replay_triton(q, k, v, maps["bf16"], rows),
+            "triton_maps_only_log8": lambda: kca.replay_maps_triton(maps["log8"], v[rows]),
+            "torch_maps_bf16": torch_maps,
+        }
+        rows_out.append(row(**timed(variants, args.iters, dtype=dtype_name, layer=layer, batch=batch)))
+        del stage1, maps, saved_out, dest
     return rows_out
 
 

@@ -80,22 +80,22 @@ def omg_section(d: dict) -> str:
                      f"{t['decode'] + t['decode_stage1']:.2f}", r["unet_evaluations"], f"{r['peak_gib']:.2f}",
                      f"{r['store_gib']:.2f}", f"{r['utilisation']:.0%}"])
     summary = ", ".join(f"{k} {v}" for k, v in d.get("summary", {}).items())
-    for ref in _load("reference"):  # the original's schedule, run in the same command on the same machine
+    same_command = d["bench"] == "omg"  # bench.reference ran in the command that wrote omg_<gpu>.json
+    for ref in _load("reference"):
         ours = next((r for r in d["rows"] if r["k"] == ref["k"] and r["store"] == "recompute"
-                     and not r["self_replay_steps"] and r.get("cuda_graphs")), None)
-        if ours and d["bench"] != "omg":  # another command: the ratio only indicates (machines differ by 10-30 %)
-            summary += (f"; the original code's schedule was not rerun with this command: against its "
-                        f"{ref['total_s']:.2f} s for k = {ref['k']} from another command "
-                        f"(bench/results/reference_*.json), k = {ref['k']} here is "
-                        f"{ref['total_s'] / ours['seconds']:.2f}x faster (indicative only)")
+                     and not r["self_replay_steps"] and (same_command or r.get("cuda_graphs"))), None)
+        if ours is None:
             continue
-        ours = next((r for r in d["rows"] if r["k"] == ref["k"] and r["store"] == "recompute"
-                     and not r["self_replay_steps"]), None)
-        if ours:
+        if same_command:
             summary += (f"; the original code's schedule (`python -m bench.reference`, diffusers + peft, same "
                         f"command) for k = {ref['k']}: {ref['total_s']:.2f} s, {ref['unet_evaluations']} UNet "
                         f"evaluations, peak {ref['peak_gib']:.2f} GiB (omg: {ref['total_s'] / ours['seconds']:.2f}x "
                         f"faster)")
+        else:  # another command: the ratio only indicates (machines differ by 10-30 %)
+            summary += (f"; the original code's schedule was not rerun with this command: against its "
+                        f"{ref['total_s']:.2f} s for k = {ref['k']} from another command "
+                        f"(bench/results/reference_*.json), k = {ref['k']} here is "
+                        f"{ref['total_s'] / ours['seconds']:.2f}x faster (indicative only)")
     return (f"`{d.get('command', 'python -m bench.omg')}`: one OMG image, {d['steps']} DDIM steps, blending over the last "
             f"{d['blend_steps']}, rank-{d['lora_rank']} LoRAs on every kohya target, {d['dtype']}, 1024x1024 "
             f"(utilisation: evaluations x 6.76 TFLOP / time / 989 TFLOP/s). {summary}.\n\n"

@@ -32,7 +32,6 @@ class GraphedCall:
         self.static_out: Optional[Tensor] = None
         self.signature: Optional[tuple] = None
         self.count_delta: dict[int, int] = {}
-        self.replays = 0
 
     @property
     def ready(self) -> bool:
@@ -41,22 +40,21 @@ class GraphedCall:
     def __call__(self, *args: Tensor) -> Tensor:
         signature = tuple((a.shape, a.dtype, a.device) for a in args)
         if self.graph is None:
-            self._capture(args)
+            self._capture(args, signature)
         elif signature != self.signature:
             raise ValueError(f"a CUDA graph replays fixed shapes: captured {self.signature}, called with {signature}")
         for static, a in zip(self.static_in, args):
             static.copy_(a)
         self.graph.replay()
-        self.replays += 1
         if self.heat is not None:
             for n, d in self.count_delta.items():
                 self.heat.counts[n] = self.heat.counts.get(n, 0) + d
         return self.static_out.clone()
 
-    def _capture(self, args: tuple[Tensor, ...]) -> None:
+    def _capture(self, args: tuple[Tensor, ...], signature: tuple) -> None:
         if not all(a.is_cuda for a in args):
             raise ValueError("CUDA graphs need CUDA tensors")
-        self.signature = tuple((a.shape, a.dtype, a.device) for a in args)
+        self.signature = signature
         self.static_in = tuple(a.clone() for a in args)
         snapshot = self.heat.snapshot() if self.heat is not None else None
         # warm-up on a side stream (lazy library init, Triton compilation, allocator state), as torch advises
