@@ -2,9 +2,13 @@
 last 35, rank-64 kohya LoRAs on every kohya target: seconds per stage, UNet evaluations, peak memory, the
 replay store's size, for each replay store mode.
 
+Also, in the same process: the original code's schedule (bench/reference.py) at k=2 (--reference), and the
+UNet forward at batch 2 as the sampler runs it (a CUDA graph) against diffusers' eager SDPA forward with the
+same weights (--unet).
+
 Random weights make the attention masks meaningless, so each concept gets a user box (a strip of the image):
 the work per step is what real masks would cost.
-Run on the GPU machine:  python -m bench.omg [--concepts 1 2 5] [--stores outputs recompute maps]
+Run on the GPU machine:  python -m bench.omg [--concepts 1 2 5] [--merged-k 2] [--reference] [--unet]
 Writes bench/results/omg_<gpu>.json.
 """
 from __future__ import annotations
@@ -18,11 +22,14 @@ if __package__ in (None, ""):  # run as a file: bench/ on sys.path would shadow 
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
+from typing import Optional  # noqa: E402
+
 import torch  # noqa: E402
 
-from bench.common import DTYPES, device_name, write_json  # noqa: E402
+from bench.common import DTYPES, device_name, time_ms, write_json  # noqa: E402
 from bench.lora import kohya_lora, random_unet  # noqa: E402
-from omg.lora import load_lora  # noqa: E402
+from omg.graphs import GraphedCall  # noqa: E402
+from omg.lora import bind, load_lora  # noqa: E402
 from omg.model import SDXL  # noqa: E402
 from omg.pipeline import Concept, generate  # noqa: E402
 from omg.text import SDXLTextEncoder  # noqa: E402
@@ -51,7 +58,8 @@ def boxes(k: int, size: int = 1024) -> list[tuple[int, int, int, int]]:
     return [(edges[i], 0, edges[i + 1], size) for i in range(k)]
 
 
-def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0, graphs: bool = True) -> dict:
+def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0, graphs: bool = True,
+        lora_mode: str = "grouped", keep: Optional[dict] = None) -> dict:
     concepts = [Concept(CLASSES[i], f"a photo of sks {CLASSES[i]}", lora=loras[i], mask=box)
                 for i, box in enumerate(boxes(k))]
     gc.collect()
@@ -61,22 +69,51 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
     graphs = graphs and store == "recompute" and not self_replay  # where generate can run CUDA graphs
     result = generate(model, PROMPT, concepts, steps=args.steps, blend_steps=args.blend_steps, height=1024,
                       width=1024, store=store, self_replay_steps=self_replay, progress=False,
-                      cuda_graphs=graphs)
+                      cuda_graphs=graphs, lora_mode=lora_mode)
     peak = torch.cuda.max_memory_allocated()
     t = result.timings
     seconds = t["total"]
-    row = dict(k=k, store=store, self_replay_steps=self_replay,
+    row = dict(k=k, store=store, self_replay_steps=self_replay, lora_mode=lora_mode,
                cuda_graphs=graphs, seconds=round(seconds, 3), timings={n: round(v, 3) for n, v in t.items()},
                unet_evaluations=result.unet_evaluations, peak_gib=round(peak / 2**30, 2),
                peak_above_model_gib=round((peak - resident) / 2**30, 2),
                store_gib=round(result.store_bytes / 2**30, 3),
                utilisation=round(result.unet_evaluations * TFLOP_PER_EVAL / seconds / H100_BF16_DENSE, 3))
-    print(f"k={k} store={store:9s} self-replay {self_replay} graphs {row['cuda_graphs']:d}: {seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
+    if keep is not None:
+        keep[(k, store, self_replay, graphs, lora_mode)] = result.latent
+    print(f"k={k} {lora_mode} store={store:9s} self-replay {self_replay} graphs {row['cuda_graphs']:d}: {seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
           f"stage2 {t['stage2']:.2f}, decode {t['decode'] + t['decode_stage1']:.2f}, setup {t['setup']:.2f}); "
           f"{result.unet_evaluations} evals; peak {row['peak_gib']:.2f} GiB; store {row['store_gib']:.2f} GiB; "
           f"utilisation {row['utilisation']:.1%}", flush=True)
     del result
     return row
+
+
+def unet_speed(model: SDXL, rounds: int = 3) -> dict:
+    """ms per batch-2 forward: ours replayed as a CUDA graph (what the sampler runs) and eager, and diffusers'
+    UNet2DConditionModel (eager, SDPA) with the same weights; best of interleaved rounds."""
+    from bench.reference import diffusers_unet
+    dtype = next(model.unet.parameters()).dtype
+    theirs = diffusers_unet(model.unet, dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 4, 128, 128, device="cuda", generator=g).to(dtype)
+    t = torch.full((2,), 500.0, device="cuda")
+    ctx = torch.randn(2, 77, 2048, device="cuda", generator=g).to(dtype)
+    y = torch.randn(2, 2816, device="cuda", generator=g).to(dtype)
+    added = {"text_embeds": y[:, :1280], "time_ids": torch.full((2, 6), 1024.0, device="cuda", dtype=dtype)}
+    graphed = GraphedCall(lambda x_, t_: model.unet(x_, t_, ctx, y))
+    variants = {"omg_cuda_graph": lambda: graphed(x, t), "omg_eager": lambda: model.unet(x, t, ctx, y),
+                "diffusers_eager_sdpa": lambda: theirs(x, t, ctx, added_cond_kwargs=added).sample}
+    best = {name: float("inf") for name in variants}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                best[name] = min(best[name], time_ms(fn, warmup=3, iters=10))
+    result = {f"{name}_ms": round(ms, 2) for name, ms in best.items()}
+    result["speedup_graph_vs_diffusers"] = round(best["diffusers_eager_sdpa"] / best["omg_cuda_graph"], 3)
+    result["speedup_eager_vs_diffusers"] = round(best["diffusers_eager_sdpa"] / best["omg_eager"], 3)
+    print("UNet forward, batch 2, 1024x1024:", result, flush=True)
+    return result
 
 
 def main() -> None:
@@ -89,28 +126,60 @@ def main() -> None:
     parser.add_argument("--blend-steps", type=int, default=35)
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--eager-k", type=int, nargs="*", default=[2], help="also run these k without CUDA graphs")
+    parser.add_argument("--merged-k", type=int, nargs="*", default=[2],
+                        help="also run these k with lora_mode='merged' (one call per concept, merged weights)")
+    parser.add_argument("--reference", action="store_true", help="time the original's schedule at k=2 too")
+    parser.add_argument("--unet", action="store_true", help="time the UNet forward against diffusers' too")
     parser.add_argument("--name", default="omg", help="JSON name: bench/results/<name>_<gpu>.json")
     args = parser.parse_args()
     model = random_sdxl(DTYPES[args.dtype])
     loras = [load_lora(kohya_lora(model.unet, 64, locon=False, seed=i + 1), device="cuda")
              for i in range(max(args.concepts + [args.store_k]))]
     run(model, loras, 1, "recompute", args)  # warm-up
-    rows = [run(model, loras, k, "recompute", args) for k in args.concepts]  # the default store, CUDA graphs
-    rows += [run(model, loras, k, "recompute", args, graphs=False) for k in args.eager_k]
+    latents: dict = {}
+    rows = [run(model, loras, k, "recompute", args, keep=latents) for k in args.concepts]  # the defaults
+    rows += [run(model, loras, k, "recompute", args, graphs=False, keep=latents) for k in args.eager_k]
+    rows += [run(model, loras, k, "recompute", args, lora_mode="merged", graphs=g, keep=latents)
+             for k in args.merged_k for g in (True, False)]
     rows += [run(model, loras, args.store_k, s, args) for s in args.stores if s != "recompute"]
     if args.self_replay:
         rows.append(run(model, loras, args.store_k, "recompute", args, self_replay=args.self_replay))
-    by_k = {r["k"]: r for r in rows if r["store"] == "recompute" and not r["self_replay_steps"] and r["cuda_graphs"]}
+    default = lambda r: (r["store"] == "recompute" and not r["self_replay_steps"]  # noqa: E731
+                         and r["lora_mode"] == "grouped")
+    by_k = {r["k"]: r for r in rows if default(r) and r["cuda_graphs"]}
     summary = {f"k{r['k']}_eager_over_graphs": round(r["seconds"] / by_k[r["k"]]["seconds"], 3) for r in rows
-               if not r["cuda_graphs"] and r["store"] == "recompute" and not r["self_replay_steps"] and r["k"] in by_k}
+               if not r["cuda_graphs"] and default(r) and r["k"] in by_k}
+    for k in args.merged_k:  # the unoptimised path: merged weights, one call per concept, eager
+        for row in (r for r in rows if r["k"] == k and r["lora_mode"] == "merged"):
+            name = f"k{k}_merged_{'graphs' if row['cuda_graphs'] else 'eager'}"
+            summary[name + "_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
+            summary[name + "_peak_gib"] = row["peak_gib"]
+        ref = latents[(k, "recompute", 0, False, "merged")]
+        summary[f"k{k}_latent_max_abs_diff_vs_merged_eager"] = round(
+            (latents[(k, "recompute", 0, True, "grouped")] - ref).abs().max().item(), 5)
+        summary[f"k{k}_latent_max_abs_vs_merged_eager"] = round(ref.abs().max().item(), 3)
     if 1 in by_k and 5 in by_k:
         summary["time_k5_over_k1"] = round(by_k[5]["seconds"] / by_k[1]["seconds"], 3)
+    touched = sum(model.unet.get_parameter(name).numel() * model.unet.get_parameter(name).element_size()
+                  for name in bind(model.unet, loras[0]))
+    summary["lora_touched_gib_per_concept"] = round(touched / 2**30, 3)
     ks = sorted(by_k)
     if len(ks) > 1:
         growth = (by_k[ks[-1]]["peak_gib"] - by_k[ks[0]]["peak_gib"]) / (ks[-1] - ks[0])
         summary["peak_growth_per_concept_gib"] = round(growth, 3)
+    extra = {}
+    if args.unet:
+        extra["unet"] = unet_speed(model)
+    if args.reference:
+        del model, loras, latents
+        gc.collect()
+        torch.cuda.empty_cache()
+        from bench.reference import NOTE, run_reference
+        extra["reference"] = dict(run_reference(k=2, dtype=DTYPES[args.dtype]), note=NOTE)
+        if 2 in by_k:
+            summary["k2_speedup_vs_reference"] = round(extra["reference"]["total_s"] / by_k[2]["seconds"], 3)
     print(summary)
-    path = write_json(args.name, {"steps": args.steps, "blend_steps": args.blend_steps, "dtype": args.dtype,
+    path = write_json(args.name, {**extra, "steps": args.steps, "blend_steps": args.blend_steps, "dtype": args.dtype,
                               "resolution": 1024, "lora_rank": 64, "rows": rows, "summary": summary,
                               "note": "random weights; user boxes as masks; PyTorch eager kernels, each repeated UNet call "
                                       "replayed as a CUDA graph where cuda_graphs is true"})

@@ -62,49 +62,42 @@ def diffusers_unet(unet, dtype):
     return d.to(dtype).eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="sdxl")
-    parser.add_argument("--latent", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--blend-after", type=int, default=15, help="blending for step indices > this")
-    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+def run_reference(k: int = 2, config: str = "sdxl", latent: int = 128, steps: int = 50, blend_after: int = 15,
+                  dtype: torch.dtype = torch.float16, device: str = "cuda") -> dict:
+    """Time the original's schedule once (stage 1 and stage 2); returns the figures."""
     from diffusers import DDIMScheduler
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
     from safetensors.torch import save_file
 
-    dtype, device = DTYPES[args.dtype], torch.device(args.device)
-    ours = random_unet(CONFIGS[args.config], device, dtype)
+    device = torch.device(device)
+    ours = random_unet(CONFIGS[config], device, dtype)
     base, concept_unet = diffusers_unet(ours, dtype), diffusers_unet(ours, dtype)
     del ours
     with torch.device("meta"):
-        shapes = UNet(CONFIGS[args.config])  # names and shapes for the LoRA files
+        shapes = UNet(CONFIGS[config])  # names and shapes for the LoRA files
     with tempfile.TemporaryDirectory() as tmp:
-        for j in range(args.k):  # every concept's LoRA as a peft adapter of the second UNet
+        for j in range(k):  # every concept's LoRA as a peft adapter of the second UNet
             path = os.path.join(tmp, f"c{j}.safetensors")
             save_file(kohya_lora(shapes, 64, locon=False, seed=j + 1), path)
             state, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(path, unet_config=concept_unet.config)
             concept_unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=f"c{j}")
-    state = {"replace": True, "step": 0, "self_steps": int(0.4 * args.steps)}
+    state = {"replace": True, "step": 0, "self_steps": int(0.4 * steps)}
     base.set_attn_processor(SourceToTarget(state))
     cfg = base.config
     gen = torch.Generator().manual_seed(0)
-    lat = (1, 4, args.latent, args.latent)
+    lat = (1, 4, latent, latent)
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=gen).to(device, dtype)  # [negative, prompt]
     pooled = torch.randn(2, 1280, generator=gen).to(device, dtype)
     concept_ctx = [torch.randn(2, 77, cfg.cross_attention_dim, generator=gen).to(device, dtype)
-                   for _ in range(args.k)]
-    size = args.latent * 8
+                   for _ in range(k)]
+    size = latent * 8
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 4, device=device, dtype=dtype)
-    masks = torch.zeros(args.k, 1, args.latent, args.latent, device=device)
-    for j in range(args.k):  # vertical strips
-        masks[j, :, :, j * args.latent // args.k:(j + 1) * args.latent // args.k] = 1
+    masks = torch.zeros(k, 1, latent, latent, device=device)
+    for j in range(k):  # vertical strips
+        masks[j, :, :, j * latent // k:(j + 1) * latent // k] = 1
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    scheduler.set_timesteps(args.steps)
+    scheduler.set_timesteps(steps)
     noise = torch.randn(lat, generator=torch.Generator().manual_seed(1)).to(device)
     guidance = 7.5
 
@@ -120,10 +113,10 @@ def main() -> None:
         for i, t in enumerate(scheduler.timesteps):
             state["step"] = i
             src_u, tgt_u, src_c, tgt_c = base_eps(src, tgt, t)
-            if blend and i > args.blend_after:
+            if blend and i > blend_after:
                 union = masks.sum(0, keepdim=True)
                 tgt_u, tgt_c = tgt_u * (1 - union), tgt_c * (1 - union)
-                for j in range(args.k):
+                for j in range(k):
                     concept_unet.set_adapters([f"c{j}"], [0.8])
                     e = concept_unet(torch.cat([tgt, tgt]).to(dtype), t, concept_ctx[j], added_cond_kwargs={
                         "text_embeds": pooled, "time_ids": time_ids[:2]}).sample.float()
@@ -146,16 +139,33 @@ def main() -> None:
     stage1 = timed(lambda: stage(False))
     stage2 = timed(lambda: stage(True))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    evals = 4 * args.steps * 2 + 2 * args.k * (args.steps - args.blend_after - 1)
-    print(f"reference schedule k={args.k}, {args.steps} steps, latent {args.latent}: stage 1 {stage1:.2f} s, "
+    evals = 4 * steps * 2 + 2 * k * (steps - blend_after - 1)
+    result = dict(k=k, steps=steps, latent=latent, dtype=str(dtype).removeprefix("torch."),
+                  stage1_s=stage1, stage2_s=stage2, total_s=stage1 + stage2, unet_evaluations=evals, peak_gib=peak)
+    print(f"reference schedule k={k}, {steps} steps, latent {latent}: stage 1 {stage1:.2f} s, "
           f"stage 2 {stage2:.2f} s, total {stage1 + stage2:.2f} s; {evals} UNet evaluations; peak {peak:.2f} GiB")
-    if device.type == "cuda":
-        path = write_json("reference", {"k": args.k, "steps": args.steps, "latent": args.latent, "dtype": args.dtype,
-                                        "stage1_s": stage1, "stage2_s": stage2, "total_s": stage1 + stage2,
-                                        "unet_evaluations": evals, "peak_gib": peak,
-                                        "note": "diffusers 0.42 + peft, explicit-softmax attention with in-batch "
-                                                "source->target copy, adapters switched per pass"})
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="sdxl")
+    parser.add_argument("--latent", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--blend-after", type=int, default=15, help="blending for step indices > this")
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    result = run_reference(args.k, args.config, args.latent, args.steps, args.blend_after, DTYPES[args.dtype],
+                           args.device)
+    if torch.device(args.device).type == "cuda":
+        path = write_json("reference", {**result, "note": NOTE})
         print("wrote", path, "on", device_name())
+
+
+NOTE = ("diffusers 0.42 + peft, explicit-softmax attention with in-batch source->target copy, adapters switched "
+        "per pass")
 
 
 if __name__ == "__main__":

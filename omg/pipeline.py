@@ -26,12 +26,13 @@ import kernels
 from omg.attention import STORES, AttentionControl
 from omg.errors import SamplingError
 from omg.graphs import GraphedCall, graphs_usable
-from omg.lora import ConceptWeights, LoraFile, load_lora, text_encoder_lora
+from omg.lora import ConceptWeights, GroupedLora, LoraFile, bind, load_lora, text_encoder_lora
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks
 from omg.sampling import (SAMPLERS, EpsDenoiser, NoiseSchedule, apply_guidance, guided_eps, randn_cpu,
                           run_sampler, unet_eps_fn)
 from omg.txt2img import latents_to_images, sdxl_conditioning
 
+LORA_MODES = ("grouped", "merged")
 DEFAULT_NEGATIVE = "noisy, blurry, soft, deformed, ugly"  # the original code's global negative prompt
 
 
@@ -75,7 +76,7 @@ class _Timer:
 
 
 def _validate(model: Any, prompt: str, concepts: Sequence[Concept], steps: int, blend_steps: int,
-              height: int, width: int, sampler: str, store: str) -> None:
+              height: int, width: int, sampler: str, store: str, lora_mode: str) -> None:
     for name in ("unet", "vae", "text"):
         if getattr(model, name, None) is None:
             raise SamplingError(f"the model has no {name}; load a full SDXL checkpoint")
@@ -93,6 +94,8 @@ def _validate(model: Any, prompt: str, concepts: Sequence[Concept], steps: int, 
         raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if store not in STORES:
         raise SamplingError(f"store must be one of {STORES}, got {store!r}")
+    if lora_mode not in LORA_MODES:
+        raise SamplingError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
     for i, c in enumerate(concepts):
         if not isinstance(c, Concept):
             raise SamplingError(f"concept {i} must be an omg.Concept, got {type(c).__name__}")
@@ -135,21 +138,32 @@ class BlendedEps:
 
         with blended.record.control:       # the replay processors on the UNet
             x = k_diffusion.sampling.sample_euler(blended.denoiser(), noise * sigmas[0], sigmas)
+
+    Concept weights: ``grouped`` (a GroupedLora over the active concepts, in order) adds each concept's
+    low-rank delta to its own rows of a call on the shared base weights, and when every prompt encodes to
+    the same number of tokens the base pass and all concept passes are one UNet call; ``weights`` (merged
+    ConceptWeights, indexed like concept_cond) swaps each concept's merged tensors in for its own call.
     """
 
     def __init__(self, unet: Any, record: Stage1Record, base_cond: tuple[Tensor, Tensor],
-                 concept_cond: Sequence[tuple[Tensor, Tensor]], weights: Sequence[Optional[ConceptWeights]],
+                 concept_cond: Sequence[tuple[Tensor, Tensor]], weights: Optional[Sequence[Optional[ConceptWeights]]],
                  masks: Tensor, active: Sequence[int], guidance: float, guidance_rescale: float = 0.0,
-                 replay: bool = True, cuda_graphs: bool = False):
+                 replay: bool = True, cuda_graphs: bool = False, grouped: Optional[GroupedLora] = None):
         self.unet, self.record = unet, record
-        # one CUDA graph per role (base pass, each concept), captured at its first call; see omg.graphs
+        # one CUDA graph per role (base pass, each concept, or all in one), captured at its first call
         self.cuda_graphs, self.graphs, self.graph_pool = cuda_graphs, {}, None
         self.replay = replay  # False: the base pass runs plain attention (ablation: no layout preservation)
-        self.base_cond, self.concept_cond, self.weights = base_cond, list(concept_cond), list(weights)
+        self.base_cond, self.concept_cond = base_cond, list(concept_cond)
+        self.weights = list(weights) if weights is not None else [None] * len(self.concept_cond)
+        self.grouped = grouped
         self.masks, self.active = masks, list(active)
+        if grouped is not None and grouped.count != len(self.active):
+            raise ValueError(f"the grouped LoRA holds {grouped.count} concepts, {len(self.active)} are active")
         self.guidance, self.guidance_rescale = guidance, guidance_rescale
         self.dtype = next(unet.parameters()).dtype
-        self.recompute_cond: Optional[tuple[Tensor, Tensor]] = None
+        shapes = {(c.shape[1:], y.shape[1:]) for c, y in [base_cond] + [self.concept_cond[i] for i in self.active]}
+        self.one_call = grouped is not None and len(shapes) == 1  # one UNet call per step
+        self.conds: dict[str, tuple[Tensor, Tensor]] = {}
         self.calls = 0
         self.evaluations = 0
 
@@ -160,20 +174,34 @@ class BlendedEps:
         """k-diffusion's model(x, sigma) -> denoised over this blended prediction."""
         return EpsDenoiser(self, schedule)
 
-    def _unet(self, x: Tensor, t: Tensor, ctx: Tensor, y: Tensor, role: Any = None) -> tuple[Tensor, ...]:
+    def _forward(self, x: Tensor, t: Tensor, ctx: Tensor, y: Tensor, role: Any) -> Tensor:
+        """One UNet call with the role's concept weights: "base", a concept index, or ("rows", first_row,
+        members) for grouped LoRA rows."""
+        if isinstance(role, tuple):
+            with self.grouped.installed(role[1], role[2]):
+                return self.unet(x, t, ctx, y)
+        if role != "base" and self.weights[role] is not None:
+            with self.weights[role].applied(self.unet):  # a captured graph keeps these tensors' pointers
+                return self.unet(x, t, ctx, y)
+        return self.unet(x, t, ctx, y)
+
+    def _unet(self, x: Tensor, t: Tensor, ctx: Tensor, y: Tensor, role: Any) -> tuple[Tensor, ...]:
         self.evaluations += x.shape[0]
         x, t = x.to(self.dtype), t.expand(x.shape[0])
         if not self.cuda_graphs:
-            return self.unet(x, t, ctx, y).float().chunk(x.shape[0])
+            return self._forward(x, t, ctx, y, role).float().chunk(x.shape[0])
         call = self.graphs.get(role)
         if call is None:
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()  # the roles run one after another: one pool
-            call = self.graphs[role] = GraphedCall(lambda x_, t_: self.unet(x_, t_, ctx, y), pool=self.graph_pool)
+            call = self.graphs[role] = GraphedCall(lambda x_, t_: self._forward(x_, t_, ctx, y, role),
+                                                   pool=self.graph_pool)
         return call(x, t.contiguous()).float().chunk(x.shape[0])
 
-    def _captured(self, role: Any) -> bool:
-        return role in self.graphs and self.graphs[role].ready
+    def _cond(self, key: str, parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        if key not in self.conds:  # made once: a captured graph keeps its inputs' pointers
+            self.conds[key] = torch.cat([c for c, _ in parts]), torch.cat([y for _, y in parts])
+        return self.conds[key]
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         n, record, control = self.calls, self.record, self.record.control
@@ -183,26 +211,29 @@ class BlendedEps:
         t = t.reshape(-1)[:1]
         context, y = self.base_cond
         control.mode, control.step = ("replay" if self.replay else "plain"), n
-        if not self.replay:
-            base_u, base_c = self._unet(torch.cat([x, x]), t, context, y, "base")
-        elif control.store == "recompute":  # [uncond, stage-1 cond (source), cond]
+        if self.replay and control.store == "recompute":  # rows [uncond, stage-1 cond (source), cond]
             control.cond_rows, control.source_rows = slice(2, 3), slice(1, 2)
-            if self.recompute_cond is None:
-                self.recompute_cond = (torch.cat([context, context[1:]]), torch.cat([y, y[1:]]))
-            base_u, _, base_c = self._unet(torch.cat([x, record.source_latents[n], x]), t, *self.recompute_cond,
-                                           "base")
+            base_x, base_key = [x, record.source_latents[n], x], "recompute"
+            base_cond = [(context, y), (context[1:], y[1:])]
         else:
             control.cond_rows = slice(1, 2)
-            base_u, base_c = self._unet(torch.cat([x, x]), t, context, y, "base")
+            base_x, base_key, base_cond = [x, x], "base", [(context, y)]
+        concept_cond = [self.concept_cond[i] for i in self.active]
+        if self.one_call:
+            out = self._unet(torch.cat(base_x + [x, x] * len(self.active)), t,
+                             *self._cond(f"{base_key}+concepts", base_cond + concept_cond),
+                             ("rows", len(base_x), range(len(self.active))))
+            base, rest = out[:len(base_x)], out[len(base_x):]
+            concept_eps = [rest[2 * j:2 * j + 2] for j in range(len(self.active))]
+        else:
+            base = self._unet(torch.cat(base_x), t, *self._cond(base_key, base_cond), "base")
+            concept_eps = []
+            for j, (i, cond) in enumerate(zip(self.active, concept_cond)):
+                control.mode = "plain"
+                role = ("rows", 0, range(j, j + 1)) if self.grouped is not None else i
+                concept_eps.append(self._unet(torch.cat([x, x]), t, *cond, role))
         control.mode = "plain"
-        concept_eps = []
-        for i in self.active:
-            ctx_i, y_i = self.concept_cond[i]
-            if self.weights[i] is None or self._captured(i):  # a captured graph holds its weights' pointers
-                concept_eps.append(self._unet(torch.cat([x, x]), t, ctx_i, y_i, i))
-            else:
-                with self.weights[i].applied(self.unet):
-                    concept_eps.append(self._unet(torch.cat([x, x]), t, ctx_i, y_i, i))
+        base_u, base_c = base[0], base[-1]
         masks = self.masks[self.active]
         if self.guidance_rescale:  # the kernel blends; the rescale needs the blended halves
             eps_u, eps_c = kernels.blend_eps(base_u, base_c, concept_eps, masks)
@@ -269,7 +300,7 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
              self_replay_steps: int = 0,
              sam: Union[str, SamRefiner, None] = None, dilate: int = 0, feather: float = 0.0,
              strict: bool = False, progress: bool = True, keep_stage2: bool = False, replay: bool = True,
-             cuda_graphs: Optional[bool] = None) -> Result:
+             cuda_graphs: Optional[bool] = None, lora_mode: str = "grouped") -> Result:
     """Render `prompt` with every concept's identity inside its region (OMG, Kong et al. 2024).
 
     concepts: omg.Concept list; each class_name must occur in the prompt (twice for two concepts of one
@@ -295,9 +326,15 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     replayed CUDA graph. None (default): on when the model is on CUDA, store="recompute" and
     self_replay_steps=0, the cases where every call of a role runs the same processors; the output is the
     same as without (tested on the GPU).
+    lora_mode: how stage 2 holds the concept models. "grouped" (default): the base weights are shared and each
+    concept keeps only its LoRA factors (325 MiB for rank 64 on every kohya SDXL target), added to its own
+    rows; when all prompts encode to the same token count, the base pass and every concept pass of a step
+    are one UNet call (omg.lora.GroupedLora). "merged": each concept's touched tensors are merged (4.1 GiB
+    for the same LoRA) and swapped in for its own call. Both give the same image up to float rounding
+    (tested); bench/omg.py compares their speed and memory.
     """
     concepts = list(concepts)
-    _validate(model, prompt, concepts, steps, blend_steps, height, width, sampler, store)
+    _validate(model, prompt, concepts, steps, blend_steps, height, width, sampler, store, lora_mode)
     unet, device = model.unet, model.device
     graphable = graphs_usable(torch.device(device)) and store == "recompute" and self_replay_steps == 0
     if cuda_graphs and not graphable:
@@ -312,8 +349,12 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     start = time.perf_counter()
     # every LoRA is loaded and merged before sampling: one for another base fails here, the model untouched
     loras = _load_loras(concepts)
-    weights = [None if lora is None else ConceptWeights.merge(unet, (lora, c.lora_scale))
-               for c, lora in zip(concepts, loras)]
+    if lora_mode == "grouped":  # matched and validated now; the factors are stacked once the masks are known
+        patches = [None if lora is None else bind(unet, (lora, c.lora_scale)) for c, lora in zip(concepts, loras)]
+        weights = None
+    else:
+        weights = [None if lora is None else ConceptWeights.merge(unet, (lora, c.lora_scale))
+                   for c, lora in zip(concepts, loras)]
     schedule = NoiseSchedule.sdxl()
     sigmas = schedule.sampling_sigmas(steps, spacing, to_zero=sampler != "ddim")
     negatives = None if negative_prompt is None else [negative_prompt]
@@ -348,8 +389,9 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     # ---- stage 2 (with no concept found it still runs: the replayed base pass alone reproduces stage 1) --
     final, blended = stage1, None
     if blend_steps > 0:
+        grouped = GroupedLora(unet, [patches[i] for i in active]) if lora_mode == "grouped" else None
         blended = BlendedEps(unet, record, base_cond, concept_cond, weights, concept_masks.masks.to(device),
-                             active, guidance, guidance_rescale, replay, cuda_graphs)
+                             active, guidance, guidance_rescale, replay, cuda_graphs, grouped)
         with control:
             final = run_sampler(blended, noise, sigmas, sampler, schedule=schedule, disable=not progress,
                                 generator=torch.Generator().manual_seed(seed), **(sampler_options or {}))

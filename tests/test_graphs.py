@@ -17,16 +17,18 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graphed_generation_equals_eager(tmp_path, dtype):
-    """Stage 1 (with heat-map capture), masks, stage 2 base and concept passes: graphs vs eager, same bits."""
+@pytest.mark.parametrize("dtype,lora_mode", [(torch.float32, "grouped"), (torch.float16, "grouped"),
+                                             (torch.float16, "merged")])
+def test_graphed_generation_equals_eager(tmp_path, dtype, lora_mode):
+    """Stage 1 (with heat-map capture), masks, stage 2 (base and concept passes in one call, or merged concepts in
+    calls of their own): graphs vs eager, same bits."""
     model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5, device="cuda",
                         dtype=dtype)
     loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
     concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0]),
                 omg.Concept("woman", "a photo of xyz woman", lora=loras[1])]
     runs = [omg.generate(model, PROMPT, concepts, steps=6, blend_steps=4, height=H, width=W, seed=3,
-                         progress=False, cuda_graphs=g) for g in (False, True)]
+                         progress=False, cuda_graphs=g, lora_mode=lora_mode) for g in (False, True)]
     eager, graphed = runs
     # the heat kernel accumulates with float atomics (on CUDA for fp16/bf16): summation order varies run to run
     # (H100, fp16: two eager runs differ by up to 3.0e-6, eager and graphed by 2.6e-6; masks and latents: 0)

@@ -174,3 +174,22 @@ def test_blended_denoiser_drives_a_k_diffusion_sampler(model):
     with torch.no_grad(), blended.record.control:
         x = sample_euler(blended.denoiser(), noise * (1 + sigmas[0] ** 2).sqrt(), sigmas, disable=True)
     assert (x - r.latent).abs().max().item() <= 1e-5
+
+
+def test_grouped_and_merged_lora_modes_agree(model, tmp_path):
+    """Stage 2 with the concepts' factors on shared base weights (one UNet call per step) gives the image of
+    the merged concept weights (one call per concept), up to float rounding; so does a concept whose prompt
+    needs a second token chunk, which cannot share the call."""
+    loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
+    concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 40, 64)),
+                omg.Concept("woman", "a photo of xyz woman", lora=loras[1], mask=(48, 0, 96, 64))]
+    for prompt in ("a photo of sks man", "a photo of sks man, " * 20):
+        concepts[0].prompt = prompt
+        grouped = run(model, concepts, keep_stage2=True)
+        merged = run(model, concepts, lora_mode="merged")
+        assert grouped.stage2.one_call == (len(prompt) < 40)
+        assert (merged.latent - merged.stage1_latent).abs().max().item() > 1e-2
+        assert (grouped.latent - merged.latent).abs().max().item() <= 1e-4
+        assert grouped.unet_evaluations == merged.unet_evaluations
+    with pytest.raises(SamplingError, match="lora_mode"):
+        run(model, concepts, lora_mode="fused")

@@ -54,47 +54,59 @@ def _bias_fn(m: nn.Module, patches: list[Patch]) -> Callable[[Tensor], Tensor]:
     return lambda x: b.reshape(shape)
 
 
+def patches_by_module(patches: dict[str, list[Patch]]) -> dict[str, list[Patch]]:
+    """bind()'s {parameter: patches} regrouped by module; refuses patches on part of a fused weight."""
+    per_module: dict[str, list[Patch]] = {}
+    for items in patches.values():
+        for p in items:
+            if p.target.rows is not None or p.target.transpose:
+                raise LoraError(f"{p.path}: {p.adapter.name} targets part of a fused weight ({p.target.weight}); "
+                                f"unmerged mode needs whole Linear/Conv2d layers, use the merged modes")
+            per_module.setdefault(p.target.module, []).append(p)
+    return per_module
+
+
+def hookable(root: nn.Module, name: str, items: list[Patch]) -> nn.Module:
+    m = root.get_submodule(name)
+    if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        raise LoraError(f"{items[0].path}: unmerged mode cannot hook {type(m).__name__} {name}")
+    return m
+
+
+def delta_fns(m: nn.Module, items: list[Patch]) -> tuple[list[Callable[[Tensor], Tensor]], int]:
+    """Functions whose outputs sum to the patches' change of m's output, and the bytes they hold."""
+    fns, dense, nbytes = [], [], 0
+    for p in items:
+        if p.part == "weight" and isinstance(p.adapter, LowRank) and p.adapter.low_rank():
+            fns.append(_low_rank_fn(m, p.adapter, p.strength))
+            nbytes += sum(t.numel() * m.weight.element_size() for t in p.adapter.tensors())
+        elif p.part == "weight":
+            dense.append(p)
+    if dense:
+        fns.append(_dense_fn(m, dense))
+        nbytes += m.weight.numel() * m.weight.element_size()
+    biases = [p for p in items if p.part == "bias"]
+    if biases:
+        fns.append(_bias_fn(m, biases))
+    return fns, nbytes
+
+
 class UnmergedLora:
     """Forward hooks adding LoRA deltas to the base module's outputs; remove() (or the with-block end) undoes it."""
 
     def __init__(self, root: nn.Module, loras: LoraSpec, strict: bool = False, batch: Optional[slice] = None):
-        patches = bind(root, loras, strict)
-        per_module: dict[str, list[Patch]] = {}
-        for items in patches.values():
-            for p in items:
-                if p.target.rows is not None or p.target.transpose:
-                    raise LoraError(f"{p.path}: {p.adapter.name} targets part of a fused weight ({p.target.weight}); "
-                                    f"unmerged mode needs whole Linear/Conv2d layers, use the merged modes")
-                per_module.setdefault(p.target.module, []).append(p)
+        per_module = patches_by_module(bind(root, loras, strict))
         self.batch = batch
         self.handles = []
         self.extra_bytes = 0  # memory held by the on-the-fly factors / dense deltas
         try:
             for name, items in per_module.items():
-                m = root.get_submodule(name)
-                if not isinstance(m, (nn.Linear, nn.Conv2d)):
-                    raise LoraError(f"{items[0].path}: unmerged mode cannot hook {type(m).__name__} {name}")
-                fns = self._delta_fns(m, items)
-                self.handles.append(m.register_forward_hook(self._hook(fns)))
+                fns, nbytes = delta_fns(hookable(root, name, items), items)
+                self.extra_bytes += nbytes
+                self.handles.append(root.get_submodule(name).register_forward_hook(self._hook(fns)))
         except BaseException:
             self.remove()
             raise
-
-    def _delta_fns(self, m: nn.Module, items: list[Patch]) -> list[Callable[[Tensor], Tensor]]:
-        fns, dense = [], []
-        for p in items:
-            if p.part == "weight" and isinstance(p.adapter, LowRank) and p.adapter.low_rank():
-                fns.append(_low_rank_fn(m, p.adapter, p.strength))
-                self.extra_bytes += sum(t.numel() * m.weight.element_size() for t in p.adapter.tensors())
-            elif p.part == "weight":
-                dense.append(p)
-        if dense:
-            fns.append(_dense_fn(m, dense))
-            self.extra_bytes += m.weight.numel() * m.weight.element_size()
-        biases = [p for p in items if p.part == "bias"]
-        if biases:
-            fns.append(_bias_fn(m, biases))
-        return fns
 
     def _hook(self, fns):
         rows = self.batch

@@ -1,0 +1,86 @@
+"""GroupedLora: several concepts' LoRAs on one shared base UNet, each on its own rows of one call.
+
+The oracle for each concept's rows is that concept's merged weights (ConceptWeights) on a call of its own;
+the base rows must stay the plain model's.
+"""
+import pytest
+import torch
+
+from omg.lora import ConceptWeights, GroupedLora, bind, load_lora
+from test_lora import CONV, FF, K2, OUT, Q, W, kohya, lr, mixed_lora, unet  # noqa: F401 (fixture)
+
+
+def kohya_lowrank(unet, paths, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for path in paths:
+        w = W(unet, path)
+        sd[kohya(path) + ".lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g)
+        sd[kohya(path) + ".lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g)
+        sd[kohya(path) + ".alpha"] = torch.tensor(rank / 2)
+    return load_lora(sd)
+
+
+def inputs(rows, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 4, 16, 16, generator=g), torch.full((rows,), 321.0),
+            torch.randn(rows, 7, 48, generator=g), torch.randn(rows, 64, generator=g))
+
+
+def concepts(unet):
+    """Three concepts: low-rank Linear LoRAs of different ranks and targets (the batched-matmul path), a mixed
+    LoRA (LoCon, LoHa, full diff, DoRA: the per-concept path on the layers it shares), and one without LoRA."""
+    return [(kohya_lowrank(unet, [Q, K2, FF], rank=4, seed=1), 0.8),
+            None,
+            (mixed_lora(unet), 0.6),
+            (kohya_lowrank(unet, [Q, OUT], rank=8, seed=2), 1.0)]
+
+
+def test_grouped_rows_equal_each_concept_merged(unet):
+    specs = concepts(unet)
+    grouped = GroupedLora(unet, [None if s is None else bind(unet, s) for s in specs])
+    assert grouped.stacked_layers > 0 and grouped.stacked_layers < len(grouped.layers)  # both paths run
+    base_rows = 3
+    x, t, ctx, y = inputs(base_rows + 2 * len(specs))
+    with torch.no_grad():
+        plain = unet(x, t, ctx, y)
+        with grouped.installed(base_rows):
+            got = unet(x, t, ctx, y)
+        after = unet(x, t, ctx, y)
+        for i, spec in enumerate(specs):
+            rows = slice(base_rows + 2 * i, base_rows + 2 * i + 2)
+            if spec is None:
+                expected = plain[rows]
+            else:
+                with ConceptWeights.merge(unet, spec).applied(unet):
+                    expected = unet(x[rows], t[rows], ctx[rows], y[rows])
+                assert (expected - plain[rows]).abs().max() > 1e-2  # the concept does change its rows
+            assert (got[rows] - expected).abs().max() <= 1e-4, i
+    assert (got[:base_rows] - plain[:base_rows]).abs().max() <= 1e-5  # base rows untouched
+    assert torch.equal(after, plain)  # hooks removed
+
+
+def test_members_select_a_consecutive_run_of_concepts(unet):
+    specs = concepts(unet)
+    grouped = GroupedLora(unet, [None if s is None else bind(unet, s) for s in specs])
+    x, t, ctx, y = inputs(4)
+    with torch.no_grad():
+        with grouped.installed(0, range(2, 4)):  # concepts 2 and 3 only, no base rows
+            got = unet(x, t, ctx, y)
+        for j, spec in enumerate(specs[2:4]):
+            rows = slice(2 * j, 2 * j + 2)
+            with ConceptWeights.merge(unet, spec).applied(unet):
+                expected = unet(x[rows], t[rows], ctx[rows], y[rows])
+            assert (got[rows] - expected).abs().max() <= 1e-4
+        with pytest.raises(ValueError, match="rows"), grouped.installed(1, range(2, 4)):
+            unet(x, t, ctx, y)  # 4 rows given, 1 + 2 x 2 expected
+        with pytest.raises(ValueError, match="consecutive"), grouped.installed(0, range(0, 4, 2)):
+            pass
+
+
+def test_memory_is_the_factors_not_the_touched_tensors(unet):
+    lora = kohya_lowrank(unet, [Q, K2, FF, OUT], rank=4, seed=3)
+    grouped = GroupedLora(unet, [bind(unet, lora)] * 2)
+    factors = sum(t.numel() * 4 for a in lora.adapters.values() for t in (a.up, a.down))
+    touched = sum(W(unet, p).numel() * 4 for p in (Q, K2, FF, OUT))
+    assert grouped.extra_bytes == 2 * factors and grouped.extra_bytes < touched
