@@ -1,6 +1,7 @@
 """Triton kernels for OMG, each beside its PyTorch reference, and the dispatch between them.
 
-Modules: kernels.cross_attention (fused short-key attention: plain, capture, replay), kernels.blend.
+Modules: kernels.cross_attention (fused short-key attention: plain, capture, replay), kernels.blend,
+kernels.norm and kernels.ffn (the UNet's GroupNorm(+SiLU) and GEGLU, fused).
 
 The functions here run the Triton kernel when every tensor is on CUDA, triton imports, the kernel supports the
 shapes/dtypes, and OMG_DISABLE_TRITON is not "1"; otherwise the reference (CPU fallback, test oracle).
@@ -12,6 +13,8 @@ shapes/dtypes, and OMG_DISABLE_TRITON is not "1"; otherwise the reference (CPU f
     replay_maps(maps, v)                                       decode(maps) · v
     blend_guided(base_u, base_c, concept_eps, masks, g)        OMG masked blend + CFG in one pass
     blend_eps(base_u, base_c, concept_eps, masks)              the blended halves (for rescaled guidance)
+    group_norm(x, groups, weight, bias, eps, shift, silu)      silu(GroupNorm(x + shift)), two passes
+    geglu(h)                                                   a · gelu(g) of h = [a, g] in one pass
 """
 from __future__ import annotations
 
@@ -23,16 +26,21 @@ from torch import Tensor
 
 from kernels import blend as _blend
 from kernels import cross_attention as _ca
+from kernels import ffn as _ffn
+from kernels import norm as _norm
 from kernels._triton import HAS_TRITON
 from kernels.blend import ConceptEps, blend_eps_reference, blend_guided_reference, stack_concepts
 from kernels.cross_attention import (LOG8_STEP, MAP_FORMATS, Captured, capture_maps_reference, capture_reference,
                                      cross_attention_reference, decode_maps, encode_maps, replay_maps_reference,
                                      replay_reference, supports)
+from kernels.ffn import geglu_reference
+from kernels.norm import group_norm_reference
 
 __all__ = ["HAS_TRITON", "LOG8_STEP", "MAP_FORMATS", "Captured", "use_triton", "supports", "attention", "capture",
            "capture_maps", "replay", "replay_maps", "blend_guided", "blend_eps", "decode_maps", "encode_maps",
            "cross_attention_reference", "capture_reference", "capture_maps_reference", "replay_reference",
-           "replay_maps_reference", "blend_guided_reference", "blend_eps_reference"]
+           "replay_maps_reference", "blend_guided_reference", "blend_eps_reference", "group_norm", "geglu",
+           "group_norm_reference", "geglu_reference"]
 
 
 def use_triton(*tensors: Optional[Tensor]) -> bool:
@@ -102,3 +110,18 @@ def blend_eps(base_u: Tensor, base_c: Tensor, concept_eps: ConceptEps, masks: Te
     if _blend_on_gpu(base_u, base_c, concepts, masks):
         return _blend.blend_eps_triton(base_u, base_c, concepts, masks)
     return blend_eps_reference(base_u, base_c, concepts, masks)
+
+
+def group_norm(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+               shift: Optional[Tensor] = None, silu: bool = False) -> Tensor:
+    """silu(GroupNorm(x + shift)) (shift (B, C) and silu optional) for x (B, C, *spatial)."""
+    if use_triton(x, weight, bias, shift) and x.dtype != torch.float64:
+        return _norm.group_norm_triton(x, groups, weight, bias, eps, shift, silu)
+    return group_norm_reference(x, groups, weight, bias, eps, shift, silu)
+
+
+def geglu(h: Tensor) -> Tensor:
+    """a · gelu(g) for h = [a, g] along the last axis."""
+    if use_triton(h) and h.dtype != torch.float64:
+        return _ffn.geglu_triton(h)
+    return geglu_reference(h)
