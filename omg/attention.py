@@ -62,16 +62,10 @@ class TokenHeatmaps:
         self.counts[n] = self.counts.get(n, 0) + 1
         return acc
 
-    def snapshot(self) -> tuple[dict[int, Tensor], dict[int, int]]:
-        return {n: s.clone() for n, s in self.sums.items()}, dict(self.counts)
-
-    def restore(self, snapshot: tuple[dict[int, Tensor], dict[int, int]]) -> None:
-        """Back to a snapshot, in place (a CUDA graph holds the sums' memory): sums made since are zeroed."""
-        sums, counts = snapshot
-        for n, s in self.sums.items():
-            with torch.inference_mode(s.is_inference()):  # sums made under inference mode stay writable
-                s.copy_(sums[n]) if n in sums else s.zero_()
-        self.counts = dict(counts)
+    def add_counts(self, delta: dict[int, int]) -> None:
+        """Count more layers without running them (omg.graphs: a replayed graph adds to the sums on the GPU)."""
+        for n, d in delta.items():
+            self.counts[n] = self.counts.get(n, 0) + d
 
     def add(self, probs: Tensor) -> None:
         """probs (B, heads, N, T) of the conditional rows."""

@@ -19,9 +19,11 @@ from torch import Tensor
 class GraphedCall:
     """fn(*tensors) -> Tensor, captured as a CUDA graph on the first call and replayed afterwards.
 
-    Inputs are copied into static buffers; the output is cloned, so callers may keep it. ``heat`` (an
-    omg.attention.TokenHeatmaps the call accumulates into) is kept exact: the warm-up run's additions are
-    undone, and its Python-side layer counts, which only the capture run increments, advance per replay.
+    The first call runs fn eagerly (on a side stream, as torch advises: lazy library init, Triton compilation)
+    and returns that result, then records the graph; later calls copy their inputs into the graph's static
+    buffers, replay it and return a clone of its output, so callers may keep it. ``heat`` (an
+    omg.attention.TokenHeatmaps the call accumulates into) stays exact: recording runs no kernel, so only
+    the Python-side layer counts moved, and they are set back and advanced by the same amount per replay.
     Shapes must not change between calls (a new shape is a new graph: build another GraphedCall).
     """
 
@@ -40,37 +42,35 @@ class GraphedCall:
     def __call__(self, *args: Tensor) -> Tensor:
         signature = tuple((a.shape, a.dtype, a.device) for a in args)
         if self.graph is None:
-            self._capture(args, signature)
-        elif signature != self.signature:
+            return self._capture(args, signature)
+        if signature != self.signature:
             raise ValueError(f"a CUDA graph replays fixed shapes: captured {self.signature}, called with {signature}")
         for static, a in zip(self.static_in, args):
             static.copy_(a)
         self.graph.replay()
         if self.heat is not None:
-            for n, d in self.count_delta.items():
-                self.heat.counts[n] = self.heat.counts.get(n, 0) + d
+            self.heat.add_counts(self.count_delta)
         return self.static_out.clone()
 
-    def _capture(self, args: tuple[Tensor, ...], signature: tuple) -> None:
+    def _capture(self, args: tuple[Tensor, ...], signature: tuple) -> Tensor:
         if not all(a.is_cuda for a in args):
             raise ValueError("CUDA graphs need CUDA tensors")
         self.signature = signature
         self.static_in = tuple(a.clone() for a in args)
-        snapshot = self.heat.snapshot() if self.heat is not None else None
-        # warm-up on a side stream (lazy library init, Triton compilation, allocator state), as torch advises
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        current, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(current)
         with torch.cuda.stream(side):
-            self.fn(*self.static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        if snapshot is not None:
-            self.heat.restore(snapshot)  # the warm-up's maps are not part of the result
+            out = self.fn(*self.static_in)  # this call's result, heat additions included
+        current.wait_stream(side)
+        out.record_stream(current)  # used on the caller's stream from here on
+        counts = dict(self.heat.counts) if self.heat is not None else None
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=self.pool):
             self.static_out = self.fn(*self.static_in)
-        if snapshot is not None:  # capture records kernels without running them: only the counts moved
-            self.count_delta = {n: c - snapshot[1].get(n, 0) for n, c in self.heat.counts.items()}
-            self.heat.restore(snapshot)
+        if counts is not None:
+            self.count_delta = {n: c - counts.get(n, 0) for n, c in self.heat.counts.items()}
+            self.heat.counts = counts
+        return out
 
 
 def graphs_usable(device: torch.device) -> bool:

@@ -60,6 +60,14 @@ class NoiseSchedule:
         if ac.ndim != 1 or len(ac) < 2 or not ((ac > 0) & (ac < 1)).all() or not (ac[1:] < ac[:-1]).all():
             raise ValueError(f"alphas_cumprod must be 1-D, decreasing, in (0, 1); got shape {tuple(ac.shape)}")
         object.__setattr__(self, "alphas_cumprod", ac)
+        object.__setattr__(self, "_log_sigmas", {})  # per device: a host-to-device copy per call would sync
+
+    def log_sigmas(self, device: torch.device) -> Tensor:
+        """log sigmas (T,) fp64 on `device`, made once per device."""
+        key = str(device)
+        if key not in self._log_sigmas:
+            self._log_sigmas[key] = self.sigmas.log().to(device)
+        return self._log_sigmas[key]
 
     @classmethod
     def sdxl(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -90,7 +98,7 @@ class NoiseSchedule:
 
         Computed in fp64 on sigma's device; returned as fp64 for fp64 sigma, else fp32.
         """
-        log_sigmas = self.sigmas.log().to(sigma.device)
+        log_sigmas = self.log_sigmas(sigma.device)
         ls = sigma.to(torch.float64).log().clamp(log_sigmas[0], log_sigmas[-1])
         low = (torch.searchsorted(log_sigmas, ls, right=True) - 1).clamp(0, len(log_sigmas) - 2)
         w = (ls - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])
@@ -98,7 +106,7 @@ class NoiseSchedule:
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Sigma at a continuous timestep, log-linear between the integer ones (k-diffusion t_to_sigma); fp64."""
-        log_sigmas = self.sigmas.log().to(t.device)
+        log_sigmas = self.log_sigmas(t.device)
         t = t.to(torch.float64).clamp(0, len(log_sigmas) - 1)
         low = t.floor().long().clamp(max=len(log_sigmas) - 2)
         w = t - low
@@ -326,7 +334,8 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
     x is the latent entering step `start` (pure noise N(0, I) for start 0); returns the latent at sigmas[stop]
     (stop defaults to the end). Steps [start, stop) of two runs compose exactly for one-step samplers (DDIM,
     Euler, ancestral ones); multistep ones (dpmpp_2m, lms, ...) restart their history at `start`.
-    callback(StepInfo) runs every step; a non-finite latent or prediction raises SamplingError naming the step.
+    callback(StepInfo) runs every step; a non-finite latent or prediction raises SamplingError naming the first
+    such step, when the run ends (the checks stay on the device until then: no host-device sync per step).
     Stochastic samplers draw noise on the CPU from `generator` (one per batch item, or one for all) unless
     opts has a noise_sampler. disable turns the progress bar off (None: off when not a terminal).
     Latents are carried in fp32 at least (fp64 stays fp64), whatever the UNet's dtype.
@@ -347,19 +356,36 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
     if "noise_sampler" in inspect.signature(sample_fn).parameters and opts.get("noise_sampler") is None:
         opts["noise_sampler"] = cpu_noise_sampler(x, generator)
 
+    # The finiteness checks stay on the device until the end: a check per step would make the host wait for
+    # every step before queueing the next, and a replayed CUDA graph takes milliseconds to launch.
+    finite: list[tuple[Tensor, int, float]] = []
+
     def check(x_now: Tensor, denoised: Optional[Tensor], i: int, sigma: float) -> None:
-        bad = [name for name, v in (("latent", x_now), ("model prediction", denoised))
-               if v is not None and not torch.isfinite(v).all()]
-        if bad:
-            t = float(schedule.sigma_to_t(torch.tensor(max(sigma, 1e-12), dtype=torch.float64)))
-            raise SamplingError(f"sampling stopped at step {i} (t={t:.2f}, sigma={sigma:.5g}): the "
-                                f"{' and the '.join(bad)} hold NaN or inf. With fp16 weights try bf16 or fp32, "
-                                f"or lower the guidance.")
+        flags = torch.stack([torch.isfinite(x_now).all()] +
+                            ([torch.isfinite(denoised).all()] if denoised is not None else []))
+        finite.append((flags, i, sigma))
+
+    def raise_if_not_finite() -> None:
+        if not finite:
+            return
+        ok = torch.stack([flags.all() for flags, _, _ in finite]).cpu()  # one device read for all steps
+        if bool(ok.all()):
+            return
+        flags, i, sigma = finite[int((~ok).nonzero()[0])]
+        bad = [name for name, good in zip(("latent", "model prediction"), flags.tolist()) if not good]
+        t = float(schedule.sigma_to_t(torch.tensor(max(sigma, 1e-12), dtype=torch.float64)))
+        raise SamplingError(f"sampling stopped at step {i} (t={t:.2f}, sigma={sigma:.5g}): the "
+                            f"{' and the '.join(bad)} hold NaN or inf. With fp16 weights try bf16 or fp32, "
+                            f"or lower the guidance.")
 
     def on_step(d: dict) -> None:
-        i, sigma = start + int(d["i"]), float(d["sigma_hat"])
-        if sigma == float(d["sigma"]):  # no churn: report the exact (fp64) sigma, so integer t stay integers
-            sigma = float(sigmas[i])
+        i = start + int(d["i"])
+        if d["sigma_hat"] is d["sigma"]:  # ours: no churn
+            sigma = float(sigmas[i])  # the exact (fp64) host value: no device read
+        else:
+            sigma = float(d["sigma_hat"])
+            if sigma == float(d["sigma"]):  # no churn: the exact sigma, so integer t stay integers
+                sigma = float(sigmas[i])
         check(d["x"], d["denoised"], i, sigma)
         if callback is not None:
             t = float(schedule.sigma_to_t(torch.tensor(sigma, dtype=torch.float64)))
@@ -371,6 +397,7 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
     x = x / math.sqrt(1 + float(sigmas[stop]) ** 2)
     if stop > start:
         check(x, None, stop - 1, float(sigmas[stop - 1]))
+    raise_if_not_finite()
     return x
 
 

@@ -132,9 +132,10 @@ def test_gpu_unet_with_fused_kernels_matches_torch_ops(dtype, monkeypatch):
         monkeypatch.setenv("OMG_DISABLE_TRITON", "1")
         ref = unet(*(a.cuda() for a in (x, t, ctx, y)))  # fp32, torch ops
         low = unet.to(dtype)
-        torch_ops = low(*(a.cuda() for a in (x, t, ctx, y)))
+        args = (x.to("cuda", dtype), t.cuda(), ctx.to("cuda", dtype), y.to("cuda", dtype))
+        torch_ops = low(*args)
         monkeypatch.delenv("OMG_DISABLE_TRITON")
-        fused = low(*(a.cuda() for a in (x, t, ctx, y)))
+        fused = low(*args)
     fused_err = (fused.float() - ref).abs().mean() / ref.abs().mean()
     torch_err = (torch_ops.float() - ref).abs().mean() / ref.abs().mean()
     assert fused_err <= 1.2 * torch_err + 1e-4, (fused_err.item(), torch_err.item())
