@@ -306,9 +306,9 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     concepts: omg.Concept list; each class_name must occur in the prompt (twice for two concepts of one
     class). blend_steps: blending runs over the last blend_steps of steps (0: the stage-1 image).
     store: how stage 2 replays stage 1's cross-attention ("recompute", "outputs" or "maps"; see
-    omg.attention); "recompute" is the default: on one H100 at 1024x1024 with two concepts it keeps no store
-    (peak 17.5 GiB, against 24.3 GiB with the 6.8 GiB "outputs" store and 25.9 GiB with 8.2 GiB of "maps"),
-    for about 12 ms more per blending step (its base pass runs at batch 3: 64.5 against 52.3 ms for the
+    omg.attention); "recompute" is the default: at 1024x1024 it keeps no store, where "outputs" holds 6.8 GiB
+    and "maps" 8.2 GiB (one H100, two merged concepts: peak 17.5 against 24.3 and 25.9 GiB,
+    bench/results/omg_h100.json), for about 12 ms more per blending step (its base pass runs at batch 3: 64.5 against 52.3 ms for the
     outputs replay; bench/results/kernels_unet_h100.json), about 0.4 s an image.
     store_dtype (for "outputs"/"maps") None keeps the model dtype. map_format (store="maps"): None keeps the
     probabilities in store_dtype; "bf16" or "log8" (1 byte an entry) use the kernels' map formats.

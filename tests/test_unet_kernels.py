@@ -124,7 +124,7 @@ def test_gpu_unet_with_fused_kernels_matches_torch_ops(dtype, monkeypatch):
     unet = UNet(UNetConfig.tiny()).cuda().eval()
     with torch.no_grad():
         for p in unet.parameters():
-            p.normal_(0, 0.2)
+            p.normal_(0, 0.05)  # 0.2 overflows fp16 in this random net
     g = torch.Generator().manual_seed(1)
     x, ctx, y = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 7, 48, generator=g), torch.randn(2, 64, generator=g)
     t = torch.tensor([10.0, 700.0])
@@ -136,6 +136,7 @@ def test_gpu_unet_with_fused_kernels_matches_torch_ops(dtype, monkeypatch):
         torch_ops = low(*args)
         monkeypatch.delenv("OMG_DISABLE_TRITON")
         fused = low(*args)
+    assert torch.isfinite(torch_ops).all() and torch.isfinite(fused).all()
     fused_err = (fused.float() - ref).abs().mean() / ref.abs().mean()
     torch_err = (torch_ops.float() - ref).abs().mean() / ref.abs().mean()
     assert fused_err <= 1.2 * torch_err + 1e-4, (fused_err.item(), torch_err.item())
