@@ -14,6 +14,7 @@ shapes/dtypes, and OMG_DISABLE_TRITON is not "1"; otherwise the reference (CPU f
     blend_guided(base_u, base_c, concept_eps, masks, g)        OMG masked blend + CFG in one pass
     blend_eps(base_u, base_c, concept_eps, masks)              the blended halves (for rescaled guidance)
     group_norm(x, groups, weight, bias, eps, shift, silu)      silu(GroupNorm(x + shift)), two passes
+    norm_act(norm, x, shift, silu)                             the same for an nn.GroupNorm
     geglu(h)                                                   a · gelu(g) of h = [a, g] in one pass
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ from kernels.norm import group_norm_reference
 __all__ = ["HAS_TRITON", "LOG8_STEP", "MAP_FORMATS", "Captured", "use_triton", "supports", "attention", "capture",
            "capture_maps", "replay", "replay_maps", "blend_guided", "blend_eps", "decode_maps", "encode_maps",
            "cross_attention_reference", "capture_reference", "capture_maps_reference", "replay_reference",
-           "replay_maps_reference", "blend_guided_reference", "blend_eps_reference", "group_norm", "geglu",
+           "replay_maps_reference", "blend_guided_reference", "blend_eps_reference", "group_norm", "norm_act", "geglu",
            "group_norm_reference", "geglu_reference"]
 
 
@@ -115,7 +116,7 @@ def blend_eps(base_u: Tensor, base_c: Tensor, concept_eps: ConceptEps, masks: Te
 def group_norm(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                shift: Optional[Tensor] = None, silu: bool = False) -> Tensor:
     """silu(GroupNorm(x + shift)) (shift (B, C) and silu optional) for x (B, C, *spatial)."""
-    if use_triton(x, weight, bias, shift) and x.dtype != torch.float64:
+    if use_triton(x, weight, bias, shift) and x.dtype != torch.float64 and x.is_contiguous():  # NCHW only
         return _norm.group_norm_triton(x, groups, weight, bias, eps, shift, silu)
     return group_norm_reference(x, groups, weight, bias, eps, shift, silu)
 
@@ -125,3 +126,8 @@ def geglu(h: Tensor) -> Tensor:
     if use_triton(h) and h.dtype != torch.float64:
         return _ffn.geglu_triton(h)
     return geglu_reference(h)
+
+
+def norm_act(norm: torch.nn.GroupNorm, x: Tensor, shift: Optional[Tensor] = None, silu: bool = True) -> Tensor:
+    """silu(norm(x + shift[:, :, None, None])) for an nn.GroupNorm `norm` (shift and silu optional)."""
+    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift, silu)

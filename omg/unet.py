@@ -96,11 +96,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
-def group_norm(norm: nn.GroupNorm, x: Tensor, shift: Optional[Tensor] = None, silu: bool = True) -> Tensor:
-    """silu(norm(x + shift[:, :, None, None])); kernels.group_norm fuses the three on CUDA."""
-    return kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift, silu)
-
-
 class Attention(nn.Module):
     """Multi-head attention; self-attention when context is None. ``path`` is its SGM module path."""
 
@@ -180,7 +175,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.proj_in(rearrange(group_norm(self.norm, x, silu=False), "b c h w -> b (h w) c"))
+        tokens = self.proj_in(rearrange(kernels.norm_act(self.norm, x, silu=False), "b c h w -> b (h w) c"))
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         return x + rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=h, w=w)
@@ -200,8 +195,8 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # in_layers / out_layers = (GroupNorm, SiLU, [dropout,] conv): the norm, the activation and the timestep
         # embedding added before out_layers' norm run as one kernel on CUDA
-        h = self.in_layers[2](group_norm(self.in_layers[0], x))
-        h = group_norm(self.out_layers[0], h, shift=self.emb_layers(emb))
+        h = self.in_layers[2](kernels.norm_act(self.in_layers[0], x))
+        h = kernels.norm_act(self.out_layers[0], h, shift=self.emb_layers(emb))
         return self.out_layers[3](h) + self.skip_connection(x)
 
 
@@ -333,4 +328,4 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out[2](group_norm(self.out[0], h))
+        return self.out[2](kernels.norm_act(self.out[0], h))

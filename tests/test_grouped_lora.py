@@ -79,8 +79,18 @@ def test_members_select_a_consecutive_run_of_concepts(unet):
 
 
 def test_memory_is_the_factors_not_the_touched_tensors(unet):
-    lora = kohya_lowrank(unet, [Q, K2, FF, OUT], rank=4, seed=3)
-    grouped = GroupedLora(unet, [bind(unet, lora)] * 2)
-    factors = sum(t.numel() * 4 for a in lora.adapters.values() for t in (a.up, a.down))
+    """Two LoRAs of one rank on the same layers (the bulk-copy path): factors only, and still each concept's rows."""
+    loras = [(kohya_lowrank(unet, [Q, K2, FF, OUT], rank=4, seed=3 + i), 0.7 + 0.2 * i) for i in range(2)]
+    grouped = GroupedLora(unet, [bind(unet, spec) for spec in loras])
+    factors = sum(t.numel() * 4 for lora, _ in loras for a in lora.adapters.values() for t in (a.up, a.down))
     touched = sum(W(unet, p).numel() * 4 for p in (Q, K2, FF, OUT))
-    assert grouped.extra_bytes == 2 * factors and grouped.extra_bytes < touched
+    assert grouped.extra_bytes == factors and grouped.extra_bytes < 2 * touched
+    assert grouped.stacked_layers == len(grouped.layers) == 4
+    x, t, ctx, y = inputs(5)
+    with torch.no_grad():
+        with grouped.installed(1):
+            got = unet(x, t, ctx, y)
+        for i, spec in enumerate(loras):
+            rows = slice(1 + 2 * i, 3 + 2 * i)
+            with ConceptWeights.merge(unet, spec).applied(unet):
+                assert (got[rows] - unet(x[rows], t[rows], ctx[rows], y[rows])).abs().max() <= 1e-4

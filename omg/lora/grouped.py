@@ -12,6 +12,7 @@ for each concept of ``members`` (a consecutive range of the concepts given), in 
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -31,25 +32,12 @@ def _stackable(m: nn.Module, items: list[Patch]) -> bool:
 
 
 class _Stacked:
-    """Every concept's factors of one Linear, concatenated over its patches and zero-padded to one rank:
-    down [k, in, R], up [k, R, out] (strength and alpha/r folded into up)."""
+    """Every concept's factors of one Linear: down [k, in, R], up [k, R, out] (strength and alpha/r folded into up;
+    a concept's patches concatenated along the rank, zero-padded to the largest rank)."""
 
-    def __init__(self, m: nn.Linear, per_concept: list[list[Patch]]):
-        dev, dt = m.weight.device, m.weight.dtype
-        downs, ups = [], []
-        for items in per_concept:
-            downs.append(torch.cat([p.adapter.down.to(dev, torch.float32).reshape(p.adapter.rank, -1) for p in items])
-                         if items else m.weight.new_zeros(0, m.in_features, dtype=torch.float32))
-            ups.append(torch.cat([p.adapter.up.to(dev, torch.float32).reshape(-1, p.adapter.rank)
-                                  * (p.adapter.scale * p.strength) for p in items], dim=1)
-                       if items else m.weight.new_zeros(m.out_features, 0, dtype=torch.float32))
-        rank = max(d.shape[0] for d in downs)
-        self.down = torch.zeros(len(per_concept), m.in_features, rank, device=dev, dtype=dt)
-        self.up = torch.zeros(len(per_concept), rank, m.out_features, device=dev, dtype=dt)
-        for i, (d, u) in enumerate(zip(downs, ups)):
-            self.down[i, :, :d.shape[0]] = d.T
-            self.up[i, :u.shape[1]] = u.T
-        self.nbytes = (self.down.numel() + self.up.numel()) * self.down.element_size()
+    def __init__(self, down: Tensor, up: Tensor):
+        self.down, self.up = down, up
+        self.nbytes = (down.numel() + up.numel()) * down.element_size()
 
     def add(self, x: Tensor, out: Tensor, members: range) -> None:
         n = len(members)
@@ -57,6 +45,47 @@ class _Stacked:
         low = torch.bmm(xs, self.down[members.start:members.stop])
         # out += low @ up in the GEMM's epilogue: no delta tensor, one read and one write of out
         out.view(n, -1, out.shape[-1]).baddbmm_(low, self.up[members.start:members.stop])
+
+
+def _factors(items: list[Patch], n_in: int, n_out: int) -> tuple[Tensor, Tensor]:
+    """One concept's (down [r, in], up scaled [out, r]) for a Linear, fp32, its patches concatenated."""
+    if not items:
+        return torch.zeros(0, n_in), torch.zeros(n_out, 0)
+    down = torch.cat([p.adapter.down.float().reshape(p.adapter.rank, n_in) for p in items])
+    up = torch.cat([p.adapter.up.float().reshape(n_out, p.adapter.rank) * (p.adapter.scale * p.strength)
+                    for p in items], dim=1)
+    return down, up
+
+
+def _stack_linears(entries: list[tuple[str, nn.Linear, list[list[Patch]]]]) -> dict[str, _Stacked]:
+    """_Stacked factors for every (name, Linear, per-concept patches). Layers of one shape share one buffer,
+    filled with a few bulk copies: copying 722 layers x k concepts one by one cost 0.4 s of host time."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for name, m, per_concept in entries:
+        rank = max(sum(p.adapter.rank for p in items) for items in per_concept)
+        groups[(m.in_features, m.out_features, rank, m.weight.dtype, m.weight.device)].append((name, per_concept))
+    stacked = {}
+    for (n_in, n_out, rank, dtype, device), members in groups.items():
+        k = len(members[0][1])
+        down = torch.zeros(len(members), k, n_in, rank, device=device, dtype=dtype)
+        up = torch.zeros(len(members), k, rank, n_out, device=device, dtype=dtype)
+        for i in range(k):
+            single = [len(pc[i]) == 1 and pc[i][0].adapter.rank == rank for _, pc in members]
+            if all(single):  # the common case (one file per concept, one rank): two bulk copies
+                patches = [pc[i][0] for _, pc in members]
+                scale = torch.tensor([p.adapter.scale * p.strength for p in patches]).view(-1, 1, 1)
+                d = torch.stack([p.adapter.down.reshape(rank, n_in) for p in patches])
+                u = torch.stack([p.adapter.up.reshape(n_out, rank) for p in patches]).float() * scale.to(d.device)
+                down[:, i] = d.to(device, dtype).transpose(1, 2)
+                up[:, i] = u.to(device, dtype).transpose(1, 2)
+                continue
+            for j, (_, pc) in enumerate(members):
+                d, u = _factors(pc[i], n_in, n_out)
+                down[j, i, :, :d.shape[0]] = d.T.to(device, dtype)
+                up[j, i, :u.shape[1]] = u.T.to(device, dtype)
+        for j, (name, _) in enumerate(members):
+            stacked[name] = _Stacked(down[j], up[j])
+    return stacked
 
 
 class _PerConcept:
@@ -91,11 +120,16 @@ class GroupedLora:
         per_concept = [patches_by_module(c or {}) for c in concepts]
         names = sorted({name for c in per_concept for name in c})
         self.layers: dict[str, _Stacked | _PerConcept] = {}
+        linears = []
         for name in names:
             items = [c.get(name, []) for c in per_concept]
             m = hookable(root, name, next(i for i in items if i))
-            kind = _Stacked if all(_stackable(m, i) for i in items) else _PerConcept
-            self.layers[name] = kind(m, items)
+            if all(_stackable(m, i) for i in items):
+                linears.append((name, m, items))
+            else:
+                self.layers[name] = _PerConcept(m, items)
+        self.layers.update(_stack_linears(linears))
+        self.layers = dict(sorted(self.layers.items()))
 
     @property
     def extra_bytes(self) -> int:
