@@ -228,8 +228,8 @@ class BlendedEps:
         else:
             base = self._unet(torch.cat(base_x), t, *self._cond(base_key, base_cond), "base")
             concept_eps = []
+            control.mode = "plain"
             for j, (i, cond) in enumerate(zip(self.active, concept_cond)):
-                control.mode = "plain"
                 role = ("rows", 0, range(j, j + 1)) if self.grouped is not None else i
                 concept_eps.append(self._unet(torch.cat([x, x]), t, *cond, role))
         control.mode = "plain"
