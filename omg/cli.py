@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--sampler")
     g.add_argument("--store", choices=["outputs", "maps", "recompute"])
+    g.add_argument("--lora-mode", choices=["grouped", "merged"],
+                   help="concept weights in stage 2: LoRA factors on the shared base (grouped, default) or merged")
     g.add_argument("--sam", help="segment-anything checkpoint (vit_b/l/h) to refine the masks")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
@@ -140,7 +142,7 @@ def generate_command(args: argparse.Namespace) -> int:
         spec.setdefault("height", 256)
         spec.setdefault("width", 256)
     known = {"negative_prompt", "steps", "guidance", "blend_steps", "seed", "height", "width", "sampler", "store",
-             "sam", "guidance_rescale", "dilate", "feather", "strict", "self_replay_steps", "spacing"}
+             "lora_mode", "sam", "guidance_rescale", "dilate", "feather", "strict", "self_replay_steps", "spacing"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ValueError(f"unknown options {unknown}; known: {sorted(known)}")

@@ -34,10 +34,11 @@ def test_generate_from_flags_writes_images_and_parameters(tmp_path):
 def test_generate_from_a_yaml_spec(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("prompt: a man and a dog\nsteps: 3\nblend_steps: 2\nheight: 64\nwidth: 64\n"
-                    "concepts:\n  - {class_name: dog, prompt: a photo of sks dog}\n")
+                    "lora_mode: merged\nconcepts:\n  - {class_name: dog, prompt: a photo of sks dog}\n")
     out = tmp_path / "spec.png"
     assert run_cli(["generate", "--spec", str(spec), "--out", str(out), "--no-progress"]) == 0
-    assert json.loads(Image.open(out).text["parameters"])["concepts"][0]["class_name"] == "dog"
+    params = json.loads(Image.open(out).text["parameters"])
+    assert params["concepts"][0]["class_name"] == "dog" and params["lora_mode"] == "merged"
 
 
 def test_bad_input_is_one_line_error_and_no_file(tmp_path, capsys):
