@@ -67,7 +67,8 @@ def profile_forward(unet, batch: int, dtype: torch.dtype, grouped=None) -> dict:
               "by_kind_ms": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
               "top_kernels": [{"name": n[:140], "ms": round(ms, 3), "calls": c, "kind": kind_of(n)}
                               for n, (ms, c) in top]}
-    print(f"batch {batch} ({result['grouped_lora_concepts']} LoRA concepts): {total:.1f} ms of kernels;", {k: f"{v:.1f}" for k, v in result["by_kind_ms"].items()})
+    print(f"batch {batch} ({result['grouped_lora_concepts']} LoRA concepts): {total:.1f} ms of kernels;",
+          {k: f"{v:.1f}" for k, v in result["by_kind_ms"].items()})
     for k in result["top_kernels"][:12]:
         print(f"  {k['ms']:7.2f} ms {k['calls']:4d}x {k['kind']:12s} {k['name'][:100]}")
     return result

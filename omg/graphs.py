@@ -35,10 +35,6 @@ class GraphedCall:
         self.signature: Optional[tuple] = None
         self.count_delta: dict[int, int] = {}
 
-    @property
-    def ready(self) -> bool:
-        return self.graph is not None
-
     def __call__(self, *args: Tensor) -> Tensor:
         signature = tuple((a.shape, a.dtype, a.device) for a in args)
         if self.graph is None:

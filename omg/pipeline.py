@@ -308,8 +308,8 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     store: how stage 2 replays stage 1's cross-attention ("recompute", "outputs" or "maps"; see
     omg.attention); "recompute" is the default: at 1024x1024 it keeps no store, where "outputs" holds 6.8 GiB
     and "maps" 8.2 GiB (one H100, two merged concepts: peak 17.5 against 24.3 and 25.9 GiB,
-    bench/results/omg_h100.json), for about 12 ms more per blending step (its base pass runs at batch 3: 64.5 against 52.3 ms for the
-    outputs replay; bench/results/kernels_unet_h100.json), about 0.4 s an image.
+    bench/results/omg_h100.json), for about 12 ms more per blending step (its base pass runs at batch 3:
+    64.5 against 52.3 ms for the outputs replay; bench/results/kernels_unet_h100.json), about 0.4 s an image.
     store_dtype (for "outputs"/"maps") None keeps the model dtype. map_format (store="maps"): None keeps the
     probabilities in store_dtype; "bf16" or "log8" (1 byte an entry) use the kernels' map formats.
     self_replay_steps: also replay self-attention
@@ -322,8 +322,8 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     replay=False (an ablation, the paper's blending without layout preservation): stage 2's base pass runs
     plain attention on the blended latent instead of replaying stage 1's cross-attention; stage 1, its masks
     and the concept passes are unchanged.
-    cuda_graphs: run each repeated UNet call (stage 1; stage 2's base pass and each concept pass) as a
-    replayed CUDA graph. None (default): on when the model is on CUDA, store="recompute" and
+    cuda_graphs: run each repeated UNet call (stage 1; stage 2's call, or its base pass and each concept pass
+    when they do not share one call) as a replayed CUDA graph. None (default): on when the model is on CUDA, store="recompute" and
     self_replay_steps=0, the cases where every call of a role runs the same processors; the output is the
     same as without (tested on the GPU).
     lora_mode: how stage 2 holds the concept models. "grouped" (default): the base weights are shared and each

@@ -380,12 +380,10 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
 
     def on_step(d: dict) -> None:
         i = start + int(d["i"])
-        if d["sigma_hat"] is d["sigma"]:  # ours: no churn
-            sigma = float(sigmas[i])  # the exact (fp64) host value: no device read
-        else:
-            sigma = float(d["sigma_hat"])
-            if sigma == float(d["sigma"]):  # no churn: the exact sigma, so integer t stay integers
-                sigma = float(sigmas[i])
+        # no churn: the exact (fp64) host sigma, so integer t stay integers; our DDIM passes the same tensor
+        # for both, which needs no device read
+        no_churn = d["sigma_hat"] is d["sigma"] or float(d["sigma_hat"]) == float(d["sigma"])
+        sigma = float(sigmas[i]) if no_churn else float(d["sigma_hat"])
         check(d["x"], d["denoised"], i, sigma)
         if callback is not None:
             t = float(schedule.sigma_to_t(torch.tensor(sigma, dtype=torch.float64)))

@@ -9,14 +9,15 @@
 
 Other modes: merge_lora_ / merged_lora (in place, exact restore from backups), UnmergedLora
 (forward hooks, optionally on a batch slice) and GroupedLora (several concepts' factors on one shared base
-model, each on its own rows of one batched call: what omg.generate's stage 2 uses by default). See merge.py for which is the default and why.
+model, each on its own rows of one batched call: what omg.generate's stage 2 uses by default). See merge.py
+for the trade-offs between them.
 """
 from omg.lora.adapters import Adapter, Full, LoHa, LoKr, LowRank
 from omg.lora.formats import LoraFile, load_lora
 from omg.lora.merge import (ConceptWeights, MergedLora, Patch, bind, merge_lora_, merged_lora, merged_tensor,
                             text_encoder_lora)
-from omg.lora.targets import Target, target_table
 from omg.lora.grouped import GroupedLora
+from omg.lora.targets import Target, target_table
 from omg.lora.unmerged import UnmergedLora
 
 __all__ = ["Adapter", "LowRank", "LoHa", "LoKr", "Full", "LoraFile", "load_lora", "ConceptWeights", "MergedLora",

@@ -97,7 +97,7 @@ class _PerConcept:
         self.fns: list[list[Callable[[Tensor], Tensor]]] = []
         self.nbytes = 0
         for items in per_concept:
-            fns, nbytes = delta_fns(m, items) if items else ([], 0)
+            fns, nbytes = delta_fns(m, items)
             self.fns.append(fns)
             self.nbytes += nbytes
 

@@ -13,8 +13,8 @@ in-place merge restores what was already written.
 omg.generate's default is neither: GroupedLora (grouped.py) keeps every concept's factors on the shared base
 weights and runs the base and all concept passes of a step as one batched call (an H100 k=2 image: 10.0 GiB
 peak against 18.0 with merged concepts, 4 % slower; bench/results/omg_grouped_h100.json).
-ConceptWeights + applied() is its lora_mode="merged" and this module's default. A concept pass then runs the plain UNet at full speed (no extra
-FLOPs, no hooks) and switching concepts costs a pointer swap per touched tensor (~1 ms in and out for
+ConceptWeights + applied() is its lora_mode="merged" and this module's default. A concept pass then runs the
+plain UNet at full speed (no extra FLOPs, no hooks) and switching concepts costs a pointer swap per touched tensor (~1 ms in and out for
 369 tensors), whereas unmerged deltas add FLOPs and launches to every pass (+28% per forward on the CPU
 mid config below; PEFT-style adapters: 183 ms vs 85.6 ms per batch-2 SDXL pass, perf-anchors §7) and the
 in-place mode re-merges on every switch (0.41 s merge + restore on the CPU mid config). Its price is
