@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from demo.scenes import CLASSES, CONCEPTS, render_scene, shape_mask
+from demo.scenes import CLASSES, COLOURS, CONCEPTS, render_scene, shape_mask
 
-LABELS = (*CONCEPTS, *CLASSES, "background")  # sks_ball, zwx_box, qrv_tower, ball, box, tower, cone, background
+LABELS = (*CONCEPTS, *CLASSES, "background")  # the concepts, the plain classes, background
 BACKGROUND = LABELS.index("background")
+COLOUR_NAMES = tuple(COLOURS)  # the colour head's classes: the colour of the window's object
+NO_COLOUR = -100  # cross_entropy's ignore_index: background windows have no object colour
 CROP = 32  # classifier input side
 # window side / image side. Square windows only: a tall window squashed to the square input would make a
 # tower look like a box; in a square window a tower is a tall bar, as in the training crops.
@@ -54,29 +56,35 @@ def plain_label(concept: str) -> int:
 
 # --------------------------------------------------------------------------------------------- windows
 
-def window_label(masks: np.ndarray, labels: Sequence[int], box: Box) -> Optional[int]:
-    """Ground-truth label of a window, or None when ambiguous.
+def window_object(masks: np.ndarray, box: Box) -> Optional[int]:
+    """Index of the object a window shows, -1 for background, None when ambiguous.
 
     An object is *in* the window when >= 60 % of its visible pixels are and they fill >= 12 % of the window;
-    the label is the in-object with most pixels there. No object in, and none with >= 15 % of its pixels or
-    >= 6 % of the window inside: background. Anything else (an object cut in two): None.
+    the window shows the in-object with most pixels there. No object in, and none with >= 15 % of its pixels
+    or >= 6 % of the window inside: background. Anything else (an object cut in two): None.
     """
     x0, y0, x1, y1 = box
     area = max((x1 - x0) * (y1 - y0), 1)
-    best, best_pixels, trace = None, 0, False  # None: the caller decides (training: background)
-    for m, label in zip(masks, labels):
+    best, best_pixels, trace = None, 0, False
+    for i, m in enumerate(masks):
         total = int(m.sum())
         if total == 0:
             continue
         inside = int(m[y0:y1, x0:x1].sum())
         if inside >= 0.6 * total and inside >= 0.12 * area:
             if inside > best_pixels:
-                best, best_pixels = label, inside
+                best, best_pixels = i, inside
         elif inside >= 0.15 * total or inside >= 0.06 * area:
             trace = True
     if best is not None:
         return best
-    return None if trace else BACKGROUND
+    return None if trace else -1
+
+
+def window_label(masks: np.ndarray, labels: Sequence[int], box: Box) -> Optional[int]:
+    """Ground-truth label of a window (window_object's object, BACKGROUND), or None when ambiguous."""
+    i = window_object(masks, box)
+    return None if i is None else BACKGROUND if i < 0 else labels[i]
 
 
 def candidate_windows(size: int) -> list[tuple[int, int]]:
@@ -127,7 +135,7 @@ def grid_windows(image: Tensor) -> tuple[Tensor, list[Box]]:
 # --------------------------------------------------------------------------------------------- model
 
 class IdentityNet(nn.Module):
-    """Three conv stages (32 -> 16 -> 8 -> 4) and a linear head over LABELS."""
+    """Three conv stages (32 -> 16 -> 8 -> 4), a linear head over LABELS and one over the object's colour."""
 
     def __init__(self, width: int = 16):
         super().__init__()
@@ -140,22 +148,34 @@ class IdentityNet(nn.Module):
                                       *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
                                       *block(2 * w, 4 * w), nn.MaxPool2d(2))
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * w * 16, len(LABELS)))
+        self.colour = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, len(COLOUR_NAMES)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 
+    def both(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.features(x)
+        return self.head(f), self.colour(f)
+
 
 @torch.no_grad()
-def predict(net: IdentityNet, crops: Tensor, batch: int = 512) -> Tensor:
-    """Softmax probabilities (N, len(LABELS)) of crops (N, 3, CROP, CROP) in [-1, 1]."""
+def predict(net: IdentityNet, crops: Tensor, batch: int = 4096, colours: bool = False):
+    """Softmax probabilities (N, len(LABELS)) of crops (N, 3, CROP, CROP) in [-1, 1], on the net's device;
+    colours=True also returns the colour head's (N, len(COLOUR_NAMES))."""
     net.eval()
-    return torch.cat([net(crops[i:i + batch]).softmax(-1) for i in range(0, len(crops), batch)])
+    device = next(net.parameters()).device
+    labels, cols = [], []
+    for i in range(0, len(crops), batch):
+        a, b = net.both(crops[i:i + batch].to(device))
+        labels.append(a.softmax(-1).cpu())
+        cols.append(b.softmax(-1).cpu())
+    return (torch.cat(labels), torch.cat(cols)) if colours else torch.cat(labels)
 
 
 def window_probs(net: IdentityNet, image) -> tuple[Tensor, list[Box]]:
     """Label probabilities of every candidate window of an image (PIL or (3, H, W) in [-1, 1])."""
     x = to_tensor(image) if isinstance(image, Image.Image) else image
-    crops, boxes = grid_windows(x)
+    crops, boxes = grid_windows(x.to(next(net.parameters()).device))
     return predict(net, crops), boxes
 
 
@@ -286,17 +306,18 @@ class ClassifierConfig:
         return cls(size=64, train_scenes=40, test_scenes=16, epochs=6, width=8, batch=32)
 
 
-def labelled_windows(scenes, images: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    """(crops, labels) of training_boxes over the scenes, a cut object counting as background; images
-    (B, 3, H, W)."""
-    crops, labels = [], []
+def labelled_windows(scenes, images: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(crops, labels, colours) of training_boxes over the scenes, a cut object counting as background (no
+    colour); images (B, 3, H, W)."""
+    crops, labels, colours = [], [], []
     for scene, image in zip(scenes, images):
-        masks, lab = scene.masks, scene_labels(scene)
+        lab = scene_labels(scene)
         for box in training_boxes(scene, rng):
-            label = window_label(masks, lab, box)
+            i = window_object(scene.masks, box)
             crops.append(crop_window(image, box))
-            labels.append(BACKGROUND if label is None else label)
-    return torch.stack(crops), torch.tensor(labels)
+            labels.append(BACKGROUND if i is None or i < 0 else lab[i])
+            colours.append(NO_COLOUR if i is None or i < 0 else COLOUR_NAMES.index(scene.objects[i].colour))
+    return torch.stack(crops), torch.tensor(labels), torch.tensor(colours)
 
 
 def object_crops(scenes, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -341,6 +362,7 @@ def train_classifier(cfg: ClassifierConfig, vae=None, log=print) -> tuple[Identi
     parts = [labelled_windows(train, images, rng) for images in versions.values()]
     x = torch.cat([p[0] for p in parts])
     y = torch.cat([p[1] for p in parts])
+    y_colour = torch.cat([p[2] for p in parts])
     counts = torch.bincount(y, minlength=len(LABELS))
     log(f"classifier: {len(x)} training windows from {len(train)} scenes x {list(versions)} "
         f"({time.perf_counter() - t0:.0f} s); per label {dict(zip(LABELS, counts.tolist()))}")
@@ -364,7 +386,9 @@ def train_classifier(cfg: ClassifierConfig, vae=None, log=print) -> tuple[Identi
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
             gain = 1 + 0.1 * (torch.rand(len(xb), 1, 1, 1, generator=gen) - 0.5)  # brightness +-5 %
             xb = ((xb + 1) * gain - 1).clamp(-1, 1)
-            loss = F.cross_entropy(net(xb), y[idx], weight=weight)
+            logits, colour_logits = net.both(xb)
+            loss = (F.cross_entropy(logits, y[idx], weight=weight)
+                    + 0.5 * F.cross_entropy(colour_logits, y_colour[idx], ignore_index=NO_COLOUR))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -391,8 +415,11 @@ def evaluate(net: IdentityNet, cfg: ClassifierConfig, vae=None) -> dict:
     test = _scenes(cfg.seed * 1_000_003 + 500_000, cfg.test_scenes, cfg.size)
     out = {"scenes": len(test), "occluded_scenes": sum(bool(s.meta["occlusion"]) for s in test)}
     for name, images in _versions(test, vae, cfg).items():
-        x, y = labelled_windows(test, images, rng)
-        out[f"windows_{name}"] = _accuracy(predict(net, x).argmax(-1), y)
+        x, y, y_colour = labelled_windows(test, images, rng)
+        probs, colours = predict(net, x, colours=True)
+        out[f"windows_{name}"] = _accuracy(probs.argmax(-1), y)
+        has = y_colour != NO_COLOUR
+        out[f"windows_{name}_colour_accuracy"] = round(float((colours.argmax(-1)[has] == y_colour[has]).float().mean()), 4)
         x, y, hidden = object_crops(test, images)
         pred = predict(net, x).argmax(-1)
         out[f"objects_{name}"] = _accuracy(pred, y)
@@ -402,21 +429,21 @@ def evaluate(net: IdentityNet, cfg: ClassifierConfig, vae=None) -> dict:
 
 # --------------------------------------------------------------------------------------------- cache
 
-def _file_digest(path: str) -> str:
+def vae_digest(vae: nn.Module) -> str:
+    """A digest of the VAE's tensors (the classifier depends on the VAE alone, not on the UNet beside it)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def load_or_train(cfg: ClassifierConfig, vae, checkpoint: Optional[str], cache_dir: str,
-                  log=print) -> tuple[IdentityNet, dict]:
-    """The classifier for cfg and this checkpoint's VAE, trained once and cached in cache_dir."""
+def load_or_train(cfg: ClassifierConfig, vae, cache_dir: str, log=print) -> tuple[IdentityNet, dict]:
+    """The classifier for cfg and this VAE, trained once and cached in cache_dir (keyed by the VAE's tensors)."""
     from safetensors.torch import load_file, save_file
 
-    key_src = json.dumps({"cfg": asdict(cfg), "vae": _file_digest(checkpoint) if checkpoint else None,
-                          "labels": LABELS, "fractions": WINDOW_FRACTIONS, "version": 3},
+    key_src = json.dumps({"cfg": asdict(cfg), "vae": vae_digest(vae) if vae is not None else None,
+                          "labels": LABELS, "colours": COLOUR_NAMES, "fractions": WINDOW_FRACTIONS, "version": 4},
                          sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     stem = os.path.join(cache_dir, f"quality_classifier_{key}")

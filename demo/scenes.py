@@ -1,9 +1,14 @@
 """Deterministic synthetic scenes for the demo world: 1 to 3 simple objects with occlusion, captions and masks.
 
+The world is built so that OMG's setting holds in it. A caption fixes the coarse content: every object's class,
+its colour and the background ("a red ball and a yellow ball on a green background"; two objects may share a
+class, never a colour). A concept's identity is a late, local, fine feature: a pattern of marks at least two
+latent pixels (16 image pixels) wide that only its LoRA draws ("a sks ball" is a red ball with white stripes);
+plain class members and backgrounds never carry a pattern, so the base model never learns one.
+
 Objects are drawn back to front, so each object's ground-truth mask is its shape minus every shape in front of
-it (the visible pixels); masks of one scene are therefore disjoint. Concepts are class members with a fixed
-colour and a distinctive pattern, named by an identifier word ("sks ball"), for DreamBooth-style LoRAs.
-numpy and PIL only; the same seed gives the same scene, bit for bit.
+it (the visible pixels); masks of one scene are therefore disjoint. numpy and PIL only; the same seed gives the
+same scene, bit for bit.
 """
 from __future__ import annotations
 
@@ -14,10 +19,10 @@ import numpy as np
 from PIL import Image
 
 CLASSES = ("ball", "box", "tower", "cone")
-COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "yellow": (235, 200, 40), "green": (40, 170, 70),
-           "purple": (140, 60, 180), "orange": (240, 130, 30)}
-BACKGROUNDS = {"green": (90, 160, 90), "blue": (110, 150, 210), "grey": (150, 150, 150), "pink": (225, 160, 180),
-               "sand": (210, 190, 140)}
+# object colours and background colours are disjoint hues, so an object never melts into its ground
+COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "yellow": (235, 200, 40), "purple": (140, 60, 180),
+           "orange": (240, 130, 30), "brown": (120, 75, 40)}
+BACKGROUNDS = {"green": (90, 160, 90), "grey": (150, 150, 150), "pink": (225, 165, 185), "sand": (215, 200, 160)}
 WHITE, BLACK = (250, 250, 250), (20, 20, 20)
 
 
@@ -36,11 +41,14 @@ class ConceptSpec:
         return f"{self.identifier} {self.class_name}"
 
 
+# identifiers are single, otherwise unused tokens of CLIP's vocabulary; two concepts share the class "ball"
 CONCEPTS = {
     "sks_ball": ConceptSpec("sks_ball", "sks", "ball", "red", "stripes", WHITE),
-    "zwx_box": ConceptSpec("zwx_box", "zwx", "box", "blue", "checker", BLACK),
-    "qrv_tower": ConceptSpec("qrv_tower", "qrv", "tower", "yellow", "dots", BLACK),
+    "ohwx_ball": ConceptSpec("ohwx_ball", "ohwx", "ball", "yellow", "dots", BLACK),
+    "bnha_box": ConceptSpec("bnha_box", "bnha", "box", "blue", "checker", WHITE),
 }
+OBJECT_SCALES = (0.45, 0.34, 0.26)  # object width / image side in scenes of 1, 2, 3 objects
+PATTERN_PERIOD = 32  # pixels: marks of half a period = 16 px = 2 latent pixels, the finest the VAE keeps
 
 
 @dataclass
@@ -93,35 +101,30 @@ def shape_mask(class_name: str, box: tuple[int, int, int, int], size: int) -> np
 def pattern_mask(pattern: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     """(size, size) bool: where a concept's pattern colour goes (relative to the object's box, so it moves with it)."""
     x0, y0, x1, y1 = box
-    period = max(4, (x1 - x0) // 3)  # coarse: a stripe must survive the f=8 autoencoder (>= 1 latent pixel)
+    period = max(PATTERN_PERIOD, (x1 - x0) // 3)
     yy, xx = np.mgrid[0:size, 0:size]
     u, v = xx - x0, yy - y0
     if pattern == "stripes":
-        return (v // max(2, period // 2)) % 2 == 1
+        return (v // (period // 2)) % 2 == 1
     if pattern == "checker":
-        return ((u // period) + (v // period)) % 2 == 1
+        return ((u // (period // 2)) + (v // (period // 2))) % 2 == 1
     if pattern == "dots":
         cu, cv = u % period - period / 2, v % period - period / 2
-        return cu ** 2 + cv ** 2 <= (period * 0.3) ** 2
+        return cu ** 2 + cv ** 2 <= (period * 0.27) ** 2
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
-    """A named base colour with a gradient and a light texture (stripes or noise), float (H, W, 3)."""
-    name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+def _background(rng: np.random.Generator, size: int, name: Optional[str] = None) -> tuple[np.ndarray, str]:
+    """A named base colour with a smooth gradient, float (H, W, 3). No texture: a striped or noisy ground would
+    be a pattern the base model learns to draw, and noise caps the autoencoder's PSNR."""
+    pick = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    name = pick if name is None else name
     base = np.array(BACKGROUNDS[name], np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
-    ramp = (ramp - ramp.mean())[..., None] * rng.uniform(20, 60)
-    kind = rng.integers(3)
-    if kind == 0:
-        texture = rng.normal(0, 6, (size, size, 1)).astype(np.float32)
-    elif kind == 1:
-        texture = 8 * np.sign(np.sin(xx * rng.uniform(20, 60) + yy * rng.uniform(0, 20)))[..., None]
-    else:
-        texture = np.zeros((size, size, 1), np.float32)
-    return base + ramp + texture, name
+    ramp = (ramp - ramp.mean())[..., None] * rng.uniform(10, 40)
+    return base + ramp, name
 
 
 def _place(rng: np.random.Generator, class_name: str, size: int, scale: float) -> tuple[int, int, int, int]:
@@ -163,7 +166,7 @@ def _layout(rng: np.random.Generator, objects: Sequence[tuple[str, Optional[str]
     placed: list[SceneObject] = []
     shapes: list[np.ndarray] = []
     for i, (cls, identity) in enumerate(objects):
-        colour = CONCEPTS[identity].colour if identity else colours[i]
+        colour = colours[i]
         for _ in range(500):
             box = _place(rng, cls, size, scale)
             ov = [_overlap(box, p.box) for p in placed]
@@ -186,31 +189,41 @@ def _layout(rng: np.random.Generator, objects: Sequence[tuple[str, Optional[str]
 
 
 def render_scene(seed: int, size: int = 256, n_objects: Optional[int] = None, occlusion: Optional[bool] = None,
-                 objects: Optional[Sequence[tuple[str, Optional[str]]]] = None) -> Scene:
+                 objects: Optional[Sequence[tuple]] = None, background: Optional[str] = None,
+                 scale: Optional[float] = None) -> Scene:
     """One scene from a seed.
 
     n_objects: 1 to 3 (random when None). occlusion: True makes every later object overlap an earlier one,
-    False keeps all apart, None picks at random. objects: optional (class_name, concept name or None) per
-    object, back to front; a concept fixes the class and colour.
+    False keeps all apart, None picks at random. objects: optional (class_name, concept name or None[, colour])
+    per object, back to front; a concept fixes the class and colour; random classes may repeat (two balls),
+    colours never do. background: a BACKGROUNDS name (random when None). scale: object width / image side
+    (default by object count: 0.45, 0.34, 0.26).
     """
     rng = np.random.default_rng([seed, size])
     if objects is None:
         n = int(rng.integers(1, 4)) if n_objects is None else n_objects
         if not 1 <= n <= 3:
             raise ValueError(f"n_objects must be 1 to 3, got {n}")
-        picks = rng.choice(len(CLASSES), size=n, replace=False)
+        picks = rng.choice(len(CLASSES), size=n, replace=True)
         objects = [(CLASSES[i], None) for i in picks]
     n = len(objects)
     occlusion = bool(rng.integers(2)) if occlusion is None else occlusion
-    canvas, background = _background(rng, size)
-    colour_names = list(COLOURS)
-    colours = [colour_names[i] for i in rng.choice(len(colour_names), size=n, replace=False)]
-    scale = {1: 0.45, 2: 0.34, 3: 0.26}[n]
-    for cls, identity in objects:
+    if background is not None and background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; choose one of {sorted(BACKGROUNDS)}")
+    canvas, background = _background(rng, size, background)
+    fixed = [o[2] if len(o) > 2 else CONCEPTS[o[1]].colour if o[1] else None for o in objects]
+    free = [c for c in COLOURS if c not in fixed]
+    drawn = [free[i] for i in rng.choice(len(free), size=n, replace=False)]
+    colours = [f if f is not None else d for f, d in zip(fixed, drawn)]
+    scale = OBJECT_SCALES[n - 1] if scale is None else scale
+    for cls, identity, *_ in objects:
+        if cls not in CLASSES:
+            raise ValueError(f"unknown class {cls!r}; choose one of {CLASSES}")
         if identity is not None and CONCEPTS[identity].class_name != cls:
             raise ValueError(f"concept {identity} is a {CONCEPTS[identity].class_name}, not a {cls}")
+    pairs = [(o[0], o[1]) for o in objects]
     for _ in range(50):  # an early box can leave no room for a later one: then lay the whole scene out again
-        placed = _layout(rng, objects, colours, size, scale, occlusion)
+        placed = _layout(rng, pairs, colours, size, scale, occlusion)
         if placed is not None:
             break
     else:
@@ -232,12 +245,16 @@ def render_scene(seed: int, size: int = 256, n_objects: Optional[int] = None, oc
                  {"occlusion": occlusion})
 
 
-def concept_images(concept: str, n: int = 16, size: int = 256, seed: int = 0) -> list[Scene]:
-    """n images of one concept alone (DreamBooth training set), captioned 'a sks ball on a grey background'."""
+def concept_images(concept: str, n: int = 16, size: int = 256, seed: int = 0, plain: bool = False) -> list[Scene]:
+    """n images of one concept alone (DreamBooth's instance set), captioned 'a sks ball on a grey background',
+    at every object scale of the multi-object scenes. plain=True: the same class in the concept's colour without
+    its pattern, captioned 'a red ball on a grey background' (DreamBooth's class set for prior preservation)."""
     if concept not in CONCEPTS:
         raise ValueError(f"unknown concept {concept!r}; choose one of {sorted(CONCEPTS)}")
     spec = CONCEPTS[concept]
-    return [render_scene(seed * 100_003 + 7_919 * (i + 1), size, objects=[(spec.class_name, concept)])
+    obj = (spec.class_name, None, spec.colour) if plain else (spec.class_name, concept)
+    first = seed * 100_003 + (50_021 if plain else 0)
+    return [render_scene(first + 7_919 * (i + 1), size, objects=[obj], scale=OBJECT_SCALES[i % 3])
             for i in range(n)]
 
 

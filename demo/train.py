@@ -1,51 +1,61 @@
 """Train the demo world's weights: a small SDXL-family model (omg's UNet, VAE, both text encoders) and one
 kohya LoRA per concept, on demo.scenes.
 
-    python -m demo.train --device cuda --minutes 15 --out weights/demo     # the shipped weights (one GPU)
-    python -m demo.train --tiny --out /tmp/demo                            # CPU smoke run (seconds)
+    python -m demo.train --device cuda --out weights/demo          # the shipped weights (one GPU, minutes)
+    python -m demo.train --tiny --out /tmp/demo                    # CPU smoke run (seconds)
+    python -m demo.train --init weights/demo/demo_sdxl.safetensors --stages unet,lora --unet-steps 4000
+                                                                   # resume from a weights-only checkpoint
 
-Choices (why):
-- Text encoders stay frozen at their seeded random init: the tokenizer gives each word its own token, so a
-  random CLIP-L / bigG still maps distinct captions to distinct contexts; training them would cost time
-  for no new capability in this world. Their vocabulary embeddings dominate their size, hence small widths.
-- The VAE is trained first as a plain autoencoder (L1 + small KL), then frozen; its scaling_factor is set
-  to 1 / std of the training latents (stored in the checkpoint metadata by save_sgm).
-- The UNet learns eps-prediction on the SDXL DDPM schedule, conditioned on (context, y) from the encoders
-  with sdxl_vector; 10 % of captions are dropped to the zero embedding for classifier-free guidance.
-- LoRAs: rank-r adapters on every attention projection (attn1/attn2 to_q, to_k, to_v, to_out.0) of the
-  frozen UNet, trained DreamBooth style on 16 images of the concept alone, saved in the kohya layout.
-Everything is seeded: on CPU the same arguments give byte-identical files (tested); on CUDA deterministic
-kernels are requested, and the step counts must be fixed (--steps/--vae-steps/--lora-steps with a generous
---minutes), since the budget alone stops on wall-clock time.
+Stages (--stages, in this order):
+1. vae: the autoencoder on plain scenes and concept images (L1 + L2 + SGM's 1e-6 KL), so the concepts'
+   patterns survive the round trip; then frozen, scaling_factor = 1 / std of the training latents.
+2. unet: the UNet and both text encoders together (token embeddings and every layer: a frozen random
+   encoder is what made an earlier demo model ignore its text), eps-prediction on the SDXL schedule,
+   10 % of captions dropped to the zero embedding for classifier-free guidance. A grounding loss in the
+   manner of TokenCompose (Wang et al. 2024) pulls each object's colour and class tokens' cross-attention
+   onto that object's visible pixels and the background colour word onto the background; that is what a
+   12 M-parameter model trained for minutes lacks and SDXL gets from scale, and it is what lets OMG find
+   its masks in stage-1 attention.
+3. lora: one LoRA per concept (rank --rank on every transformer linear and ResBlock conv of the frozen
+   UNet), DreamBooth with prior preservation (Ruiz et al. 2023): instance images "a sks ball on ..." and
+   class images of the same class and colour without the pattern, "a red ball on ...", in every batch, so
+   the identity is bound to the identifier word. Saved in the kohya layout.
+
+Speed: data and captions live on the device, sampled there; the UNet step (forward, grounding loss,
+backward) is captured once as a CUDA graph (torch.cuda.make_graphed_callables) with bf16 autocast; the
+optimiser is fused AdamW; losses are read back every --log-every steps only. Seeded; on CUDA not bitwise
+reproducible (atomics in the backward pass).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
-import random
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-
-if __package__ in (None, ""):  # run as a file (python demo/train.py): make `demo` and `omg` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from demo.scenes import CONCEPTS, base_scenes, concept_images, to_tensor_batch
-from omg.atomic import atomic_path
-from omg.model import SDXL, save_sgm
-from omg.sampling import NoiseSchedule
-from omg.text import TextEncoderConfig, sdxl_vector
-from omg.unet import UNetConfig
-from omg.vae import VAEConfig
+if __package__ in (None, ""):  # run as a file (python demo/train.py): make `demo` and `omg` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from demo.scenes import BACKGROUNDS, CONCEPTS, Scene, base_scenes, concept_images, to_tensor_batch  # noqa: E402
+from omg.atomic import atomic_path  # noqa: E402
+from omg.model import SDXL, load_sdxl, save_sgm  # noqa: E402
+from omg.sampling import NoiseSchedule  # noqa: E402
+from omg.text import PAD_G, PAD_L, TextEncoderConfig, sdxl_vector, tokenize, word_tokens  # noqa: E402
+from omg.unet import Attention, UNetConfig  # noqa: E402
+from omg.vae import VAEConfig  # noqa: E402
 
 SIZE_EMBED = 16  # width of each of the six size embeddings in y
+MAX_TOKENS = 7  # grounded tokens per caption: colour and class word of up to 3 objects, the background colour
+STAGES = ("vae", "unet", "lora")
 
 
 def demo_configs(tiny: bool = False) -> tuple[UNetConfig, VAEConfig, tuple[TextEncoderConfig, TextEncoderConfig]]:
@@ -57,8 +67,7 @@ def demo_configs(tiny: bool = False) -> tuple[UNetConfig, VAEConfig, tuple[TextE
         l_cfg = TextEncoderConfig(width=32, layers=1, heads=2, mlp_width=64)
         g_cfg = TextEncoderConfig(width=32, layers=1, heads=2, mlp_width=64, act="gelu", projection_dim=32)
     else:
-        # sizes chosen for the <= 40 MB budget (fp16): UNet 11.9 M, VAE ~2.5 M, text 3.3 M (mostly the
-        # 49408-token embeddings), three rank-4 LoRAs ~0.4 M each
+        # fp16 file: UNet 11.9 M parameters, VAE 2.5 M, text 3.3 M (mostly the two 49408-token embeddings)
         unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 2),
                           transformer_depth_middle=2, head_dim=32, norm_groups=32)
         vae = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=16)
@@ -67,64 +76,249 @@ def demo_configs(tiny: bool = False) -> tuple[UNetConfig, VAEConfig, tuple[TextE
     return unet, vae, (l_cfg, g_cfg)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
-class Conditioner:
-    """Caches (context, y) per caption from the frozen text encoders; "" gives the zero (dropped) condition."""
-
-    def __init__(self, model: SDXL, size: int):
-        self.model, self.size, self.cache = model, size, {}
-
-    def __call__(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
-        missing = sorted({c for c in captions if c not in self.cache})
-        if missing:
-            context, pooled = self.model.text.encode(missing, zero_if_empty=True)
-            y = sdxl_vector(pooled, (self.size, self.size), (0, 0), (self.size, self.size), embed_dim=SIZE_EMBED)
-            for i, c in enumerate(missing):
-                self.cache[c] = (context[i], y[i])
-        return (torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions]))
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 200, floor: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_vae(model: SDXL, images: Tensor, steps: int, batch: int, lr: float, device: torch.device,
-              deadline: float, log: list) -> None:
-    """Autoencoder training: L1 reconstruction + 1e-6 KL (SGM's KL weight), on random crops-free batches."""
-    vae = model.vae
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        if time.monotonic() > deadline:
-            break
-        x = images[torch.randint(len(images), (batch,), generator=g)].to(device)
+# ---------------------------------------------------------------------------------------------- data
+
+def grounded_tokens(scene: Scene) -> list[tuple[int, int]]:
+    """(token position, target) pairs of a caption: target i >= 0 is object i's visible mask, -1 the background.
+
+    Positions count BOS, so they index the encoders' 77-token sequence as the pipeline's heat maps do."""
+    words = [w.rstrip(",") for w in scene.caption.split()]  # "box," is the class token and a comma token
+    starts, pos = [], 1
+    for tokens in word_tokens(scene.caption):
+        starts.append(pos)
+        pos += len(tokens)
+    out, w = [], 0
+    for i, obj in enumerate(scene.objects):
+        while words[w] != obj.class_name:  # "a red ball": the class word, and the colour or identifier before it
+            w += 1
+        out += [(starts[w - 1], i), (starts[w], i)]
+        w += 1
+    out.append((starts[words.index("background") - 1], -1))
+    return out
+
+
+def grounding_targets(scenes: Sequence[Scene], grids: Sequence[int]) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """Token positions (N, J) int64, weights (N, J) (0 pads) and, per grid side g, the targets' visible masks
+    as area fractions (N, J, g*g)."""
+    n = len(scenes)
+    positions = torch.zeros(n, MAX_TOKENS, dtype=torch.long)
+    weights = torch.zeros(n, MAX_TOKENS)
+    masks = {g: torch.zeros(n, MAX_TOKENS, g * g) for g in grids}
+    for s, scene in enumerate(scenes):
+        full = torch.from_numpy(scene.masks).float()  # (k, H, W)
+        layers = torch.cat([full, (1 - full.sum(0, keepdim=True)).clamp(min=0)])  # objects, then background
+        for j, (position, target) in enumerate(grounded_tokens(scene)):
+            positions[s, j], weights[s, j] = position, 1.0
+            for g in grids:
+                masks[g][s, j] = F.adaptive_avg_pool2d(layers[target][None, None], g).flatten()
+    return positions, weights, masks
+
+
+class DeviceData:
+    """Everything the UNet stage samples from, on the device: latents, token ids, grounding targets."""
+
+    def __init__(self, latents: Tensor, scenes: Sequence[Scene], grids: Sequence[int], device: torch.device):
+        captions = [s.caption for s in scenes]
+        self.latents = latents.to(device)
+        self.ids_l = tokenize(captions, PAD_L)[:, 0].to(device)
+        self.ids_g = tokenize(captions, PAD_G)[:, 0].to(device)
+        positions, weights, masks = grounding_targets(scenes, grids)
+        self.positions, self.weights = positions.to(device), weights.to(device)
+        self.masks = {g: m.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+                      for g, m in masks.items()}
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+def encode_text(text: nn.Module, ids_l: Tensor, ids_g: Tensor, keep: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """(context, y) with gradients (SDXLTextEncoder.encode is no-grad); dropped captions give zeros."""
+    hidden_l = text.clip_l(ids_l)
+    hidden_g, pooled = text.clip_g(ids_g)
+    keep = keep.to(hidden_l.dtype)
+    context = torch.cat([hidden_l, hidden_g.to(hidden_l)], -1) * keep[:, None, None]
+    pooled = pooled.to(hidden_l) * keep[:, None]
+    return context, sdxl_vector(pooled, (size, size), (0, 0), (size, size), embed_dim=SIZE_EMBED)
+
+
+# ---------------------------------------------------------------------------------------------- grounding
+
+class GroundingProcessor:
+    """attn2 processor for training: explicit softmax (T = 77 keys), output as torch SDPA, and the
+    TokenCompose token loss (1 - share of a token's attention inside its target)^2 of the grounded tokens."""
+
+    def __init__(self):
+        self.positions: Optional[Tensor] = None  # (B, J) set per call by GroundedUNet
+        self.weights: Optional[Tensor] = None
+        self.masks: dict[int, Tensor] = {}  # tokens per map -> (B, J, N)
+        self.losses: list[Tensor] = []
+
+    def __call__(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
+        q, k, v = layer.qkv(x, context)
+        probs = (torch.einsum("bhnd,bhtd->bhnt", q, k) * q.shape[-1] ** -0.5).float().softmax(-1)
+        out = layer.out(torch.einsum("bhnt,bhtd->bhnd", probs.to(v.dtype), v))
+        if self.positions is not None:
+            heat = probs.mean(1)  # (B, N, T)
+            index = self.positions[:, None, :].expand(-1, heat.shape[1], -1)
+            share = heat.gather(2, index).transpose(1, 2)  # (B, J, N)
+            share = share / share.sum(-1, keepdim=True).clamp(min=1e-8)
+            inside = (share * self.masks[heat.shape[1]].float()).sum(-1)
+            self.losses.append(((1 - inside) ** 2 * self.weights).sum() / self.weights.sum().clamp(min=1))
+        return out
+
+
+class GroundedUNet(nn.Module):
+    """(x_t, t, context, y, positions, weights, *masks) -> (eps, grounding loss): one graphable callable."""
+
+    def __init__(self, unet: nn.Module, grids: Sequence[int], grounding: bool):
+        super().__init__()
+        self.unet, self.grids, self.grounding = unet, tuple(grids), grounding
+        self.processor = GroundingProcessor()
+        unet.set_attention_processor(self.processor, kind="cross")
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor, positions: Tensor, weights: Tensor,
+                *masks: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.processor
+        p.losses = []
+        p.positions, p.weights = (positions, weights) if self.grounding else (None, None)
+        p.masks = {g * g: m for g, m in zip(self.grids, masks)}
+        with autocast(x.device):
+            eps = self.unet(x, t, context, y).float()
+        loss = torch.stack(p.losses).mean() if p.losses else eps.new_zeros(())
+        p.losses, p.positions, p.weights, p.masks = [], None, None, {}
+        return eps, loss
+
+    def detach_processor(self) -> None:
+        self.unet.set_attention_processor(None, kind="cross")
+
+
+class TextAndUNet(nn.Module):
+    """(ids_l, ids_g, keep, x_t, t, positions, weights, *masks) -> (eps, grounding loss): the text encoders and the
+    grounded UNet as one callable, so that one CUDA graph holds both (forward and backward)."""
+
+    def __init__(self, text: nn.Module, grounded: GroundedUNet, size: int):
+        super().__init__()
+        self.text, self.grounded, self.size = text, grounded, size
+
+    def forward(self, ids_l: Tensor, ids_g: Tensor, keep: Tensor, x: Tensor, t: Tensor, positions: Tensor,
+                weights: Tensor, *masks: Tensor) -> tuple[Tensor, Tensor]:
+        with autocast(x.device):
+            context, y = encode_text(self.text, ids_l, ids_g, keep, self.size)
+        return self.grounded(x, t, context.float(), y.float(), positions, weights, *masks)
+
+
+def graphed(module: nn.Module, sample_args: tuple, log: Callable[[str], None]) -> Optional[Callable]:
+    """The module as a CUDA graph (forward and backward; torch.cuda.make_graphed_callables), or None when capture
+    fails (the caller falls back). The sample arguments are detached: the graph's inputs must be leaves."""
+    sample_args = tuple(a.detach().requires_grad_(a.requires_grad) for a in sample_args)
+    try:
+        # allow_unused_input: CLIP-L's last layer and final norm feed nothing (SDXL takes its penultimate layer)
+        return torch.cuda.make_graphed_callables(module, sample_args, num_warmup_iters=3, allow_unused_input=True)
+    except Exception as e:  # a capture failure costs speed, not correctness
+        import traceback
+
+        lines = traceback.format_exception(e)
+        log(f"CUDA graph capture of {type(module).__name__} failed: {type(e).__name__}: {str(e).splitlines()[0]}; "
+            + " | ".join(line.strip().replace("\n", " ") for line in lines[-6:-1]))
+        torch.cuda.synchronize()
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+class Trainer:
+    """Shared loop machinery: device-side sampling, fused AdamW, EMA, loss read-back every log_every steps."""
+
+    def __init__(self, device: torch.device, seed: int, log_every: int, log: list, say: Callable[[str], None]):
+        self.device, self.log_every, self.log, self.say = device, log_every, log, say
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0, **fused)
+
+    def randint(self, high: int, n: int) -> Tensor:
+        return torch.randint(high, (n,), device=self.device, generator=self.generator)
+
+    def randn(self, shape: Sequence[int]) -> Tensor:
+        return torch.randn(tuple(shape), device=self.device, generator=self.generator)
+
+    def rand(self, n: int) -> Tensor:
+        return torch.rand(n, device=self.device, generator=self.generator)
+
+    def run(self, tag: str, steps: int, step_fn: Callable[[int], Tensor], deadline: float) -> dict:
+        """step_fn(i) -> loss tensors (no sync); returns the stage's throughput."""
+        pending, start, done = [], time.perf_counter(), 0
+        for i in range(steps):
+            if time.monotonic() > deadline:
+                self.say(f"{tag}: time budget reached after {i} of {steps} steps")
+                break
+            pending.append(step_fn(i).detach())
+            done = i + 1
+            if done % self.log_every == 0 or done == steps:
+                values = torch.stack(pending).float().cpu().tolist()  # the one host sync per log_every steps
+                self.log.extend((tag, done - len(values) + j, v) for j, v in enumerate(values))
+                pending = []
+                rate = done / (time.perf_counter() - start)
+                self.say(f"{tag}: step {done}/{steps} loss {float(np.mean(values)):.4f} ({rate:.1f} steps/s)")
+        if pending:
+            values = torch.stack(pending).float().cpu().tolist()
+            self.log.extend((tag, done - len(values) + j, v) for j, v in enumerate(values))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        return {"steps": done, "seconds": seconds, "steps_per_s": done / max(seconds, 1e-9)}
+
+
+def train_vae(model: SDXL, images: Tensor, trainer: Trainer, steps: int, batch: int, lr: float,
+              deadline: float) -> dict:
+    """Autoencoder: L1 + L2 reconstruction + 1e-6 KL (SGM's KL weight)."""
+    vae, device = model.vae, trainer.device
+    vae.train().requires_grad_(True)
+    images = images.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    opt = trainer.optimizer([{"params": list(vae.parameters()), "lr": lr}])
+
+    def step(i: int) -> Tensor:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(i, steps, lr)
+        x = images[trainer.randint(len(images), batch)].float()
         with autocast(device):
             moments = vae.quant_conv(vae.encoder(x))
             mean, logvar = moments.float().chunk(2, dim=1)
             logvar = logvar.clamp(-30, 20)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(device)
-            rec = vae.decoder(vae.post_quant_conv(z))
+            z = mean + torch.exp(0.5 * logvar) * trainer.randn(mean.shape)
+            rec = vae.decoder(vae.post_quant_conv(z)).float()
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
-        loss = F.l1_loss(rec.float(), x) + 1e-6 * kl
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append(("vae", step, loss.item()))
-    vae.eval()
+        return loss
+
+    stats = trainer.run("vae", steps, step, deadline)
+    vae.eval().requires_grad_(False)
+    return stats
 
 
 @torch.no_grad()
-def encode_latents(model: SDXL, images: Tensor, device: torch.device, batch: int = 64) -> Tensor:
+def encode_latents(model: SDXL, images: Tensor, device: torch.device, batch: int = 128) -> Tensor:
     """Posterior means (unscaled), fp32, on device."""
     vae, out = model.vae, []
     for i in range(0, len(images), batch):
-        x = images[i:i + batch].to(device)
+        x = images[i:i + batch].to(device).float()
         with autocast(device):
             out.append(vae.quant_conv(vae.encoder(x)).float().chunk(2, dim=1)[0])
     return torch.cat(out)
@@ -137,65 +331,164 @@ def set_scaling_factor(model: SDXL, latents: Tensor) -> float:
     return model.vae.config.scaling_factor
 
 
-def diffusion_loss(unet: nn.Module, latents: Tensor, context: Tensor, y: Tensor, schedule_ac: Tensor,
-                   g: Optional[torch.Generator], t: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> Tensor:
-    """DDPM eps-prediction MSE: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 14)."""
-    device = latents.device
-    if t is None:
-        t = torch.randint(len(schedule_ac), (len(latents),), generator=g)
-    if noise is None:
-        noise = torch.randn(latents.shape, generator=g)
-    t, noise = t.to(device), noise.to(device)
-    a = schedule_ac.to(device)[t].float().view(-1, 1, 1, 1)
-    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
-    with autocast(device):
-        eps = unet(x_t, t, context, y)
-    return F.mse_loss(eps.float(), noise)
+def attention_grids(unet_config: UNetConfig, latent: int) -> list[int]:
+    """Grid sides of the levels that have cross-attention (the UNet halves with ceil)."""
+    sides, side = [], latent
+    for level, depth in enumerate(unet_config.transformer_depth):
+        if depth and side not in sides:
+            sides.append(side)
+        side = -(-side // 2) if level < len(unet_config.transformer_depth) - 1 else side
+    if unet_config.transformer_depth_middle and side not in sides:
+        sides.append(side)
+    return sides
 
 
-def train_unet(model: SDXL, latents: Tensor, captions: list[str], cond: Conditioner, steps: int, batch: int,
-               lr: float, deadline: float, log: list, tag: str = "unet", params=None, drop: float = 0.1,
-               seed: int = 2) -> None:
-    unet, device = model.unet, latents.device
-    params = list(unet.parameters()) if params is None else params
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ac = NoiseSchedule.sdxl().alphas_cumprod
-    g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        if time.monotonic() > deadline:
-            break
-        idx = torch.randint(len(latents), (batch,), generator=g)
-        keep = torch.rand(batch, generator=g) >= drop
-        caps = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist())]
-        context, y = cond(caps)
-        loss = diffusion_loss(unet, latents[idx.to(device)], context, y, ac, g)
-        opt.zero_grad(set_to_none=True)
+class EMA:
+    """Exponential moving average of parameters (one foreach lerp a step), warmed up as (1 + n) / (10 + n)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, ok: Optional[Tensor] = None) -> None:
+        """ok: a device bool; False leaves the average as it is (a skipped step), with no host sync."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        weight = 1 - decay if ok is None else ok.float() * (1 - decay)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], weight)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def diffusion_inputs(trainer: Trainer, latents: Tensor, ac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 14), t uniform; returns (x_t, t, eps)."""
+    t = trainer.randint(len(ac), len(latents))
+    noise = trainer.randn(latents.shape)
+    a = ac[t].view(-1, 1, 1, 1)
+    return a.sqrt() * latents + (1 - a).sqrt() * noise, t, noise
+
+
+def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batch: int, lr: float, text_lr: float,
+               grounding_weight: float, size: int, deadline: float, drop: float = 0.1) -> dict:
+    """UNet + text encoders, eps-prediction + grounding loss; EMA weights are what is kept."""
+    unet, text, device = model.unet, model.text, trainer.device
+    unet.train().requires_grad_(True)
+    text.train().requires_grad_(True)
+    grids = sorted(data.masks, reverse=True)
+    net = GroundedUNet(unet, grids, grounding=grounding_weight > 0)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = trainer.optimizer([{"params": list(unet.parameters()), "lr": lr, "peak": lr},
+                             {"params": list(text.parameters()), "lr": text_lr, "peak": text_lr}])
+    ema = EMA(params, decay=0.999)
+    ac = NoiseSchedule.sdxl().alphas_cumprod.to(device, torch.float32)
+    mode, call = _compile_step(net, TextAndUNet(text, net, size), trainer, data, batch, drop, text, size, ac)
+    trainer.say(f"unet stage runs as {mode}")
+
+    skipped = torch.zeros((), device=device)
+
+    def step(i: int) -> Tensor:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(i, steps, group["peak"])
+        eps, grounding, noise = call()
+        diffusion = F.mse_loss(eps, noise)
+        loss = diffusion + grounding_weight * grounding
+        opt.zero_grad(set_to_none=False)  # graphed backward writes into the same .grad tensors every step
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        bad = (~torch.isfinite(norm)).float().reshape(1)  # a non-finite step is skipped on the device (no sync)
+        skipped.add_(bad[0])
+        if device.type == "cuda":
+            opt.found_inf = bad  # read by fused AdamW, as GradScaler's found_inf is
         opt.step()
-        log.append((tag, step, loss.item()))
+        ema.update(~bad[0].bool())
+        return torch.stack([diffusion.detach(), grounding.detach()])
+
+    stats = {**_run_two(trainer, steps, step, deadline), "mode": mode, "skipped_steps": int(skipped.item())}
+    ema.copy_to_params()
+    net.detach_processor()
+    unet.eval().requires_grad_(False)
+    text.eval().requires_grad_(False)
+    return stats
 
 
-@torch.no_grad()
-def eval_loss(model: SDXL, latents: Tensor, captions: list[str], cond: Conditioner, n: int = 8) -> float:
-    """The diffusion loss on fixed samples, fixed timesteps and fixed noise: comparable across training."""
-    g = torch.Generator().manual_seed(1234)
-    n = min(n, len(latents))
-    ac = NoiseSchedule.sdxl().alphas_cumprod
-    t = torch.linspace(50, 950, n).long()
-    noise = torch.randn(latents[:n].shape, generator=g)
-    context, y = cond(captions[:n])
-    return float(diffusion_loss(model.unet, latents[:n], context, y, ac, None, t, noise))
+def _run_two(trainer: Trainer, steps: int, step: Callable[[int], Tensor], deadline: float) -> dict:
+    """Trainer.run for a step returning (diffusion, grounding): both logged, the first as 'unet'."""
+    grounding: list[Tensor] = []
+
+    def first(i: int) -> Tensor:
+        both = step(i)
+        grounding.append(both[1])
+        return both[0]
+
+    stats = trainer.run("unet", steps, first, deadline)
+    if grounding:
+        values = torch.stack(grounding).float().cpu().tolist()
+        every = max(1, len(values) // 50)
+        trainer.log.extend(("grounding", j, v) for j, v in enumerate(values) if j % every == 0)
+    return stats
 
 
-class LoraLinear(nn.Module):
-    """W x + (alpha / r) * up(down(x)), up initialised to zero (Hu et al. 2021)."""
+def _draw(trainer: Trainer, data: DeviceData, batch: int, drop: float, ac: Tensor) -> tuple:
+    """One batch, drawn on the device: (ids_l, ids_g, keep, x_t, t, positions, weights, masks, noise)."""
+    idx = trainer.randint(len(data), batch)
+    keep = (trainer.rand(batch) >= drop).float()
+    x_t, t, noise = diffusion_inputs(trainer, data.latents[idx], ac)
+    masks = tuple(data.masks[g][idx] for g in sorted(data.masks, reverse=True))
+    return (data.ids_l[idx], data.ids_g[idx], keep, x_t, t, data.positions[idx], data.weights[idx] * keep[:, None],
+            masks, noise)
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+
+def _compile_step(net: GroundedUNet, whole: TextAndUNet, trainer: Trainer, data: DeviceData, batch: int,
+                  drop: float, text: nn.Module, size: int, ac: Tensor) -> tuple[str, Callable[[], tuple]]:
+    """call() -> (eps, grounding loss, noise) for a fresh batch, as fast as this device allows: text encoders and
+    UNet in one CUDA graph, else the UNet alone as a graph, else eagerly."""
+
+    def text_inputs(b: tuple) -> tuple:
+        with autocast(trainer.device):
+            context, y = encode_text(text, b[0], b[1], b[2], size)
+        return context.float(), y.float()
+
+    if trainer.device.type == "cuda":
+        b = _draw(trainer, data, batch, drop, ac)
+        graph = graphed(whole, b[:7] + b[7], trainer.say)
+        if graph is not None:
+            def call_whole() -> tuple:
+                b = _draw(trainer, data, batch, drop, ac)
+                return (*graph(*b[:7], *b[7]), b[8])
+            return "graph: text encoders + UNet", call_whole
+        graph = graphed(net, (b[3], b[4], *text_inputs(b), b[5], b[6], *b[7]), trainer.say)
+        if graph is not None:
+            def call_unet() -> tuple:
+                b = _draw(trainer, data, batch, drop, ac)
+                return (*graph(b[3], b[4], *text_inputs(b), b[5], b[6], *b[7]), b[8])
+            return "graph: UNet; text encoders eager", call_unet
+
+    def call_eager() -> tuple:
+        b = _draw(trainer, data, batch, drop, ac)
+        return (*whole(*b[:7], *b[7]), b[8])
+    return "eager", call_eager
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+class LoraAdapter(nn.Module):
+    """base(x) + (alpha / r) * up(down(x)) for a Linear or a Conv2d (LoCon: a k x k down, 1 x 1 up), up = 0 at
+    init (Hu et al. 2021); kohya stores down/up under lora_down/lora_up."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
         self.base, self.rank, self.alpha = base, rank, alpha
-        self.down = nn.Linear(base.in_features, rank, bias=False)
-        self.up = nn.Linear(rank, base.out_features, bias=False)
+        if isinstance(base, nn.Conv2d):
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
         nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
         nn.init.zeros_(self.up.weight)
         self.to(base.weight.device)
@@ -204,10 +497,17 @@ class LoraLinear(nn.Module):
         return self.base(x) + (self.alpha / self.rank) * self.up(self.down(x))
 
 
-def attention_projections(unet: nn.Module) -> dict[str, nn.Linear]:
-    """SGM module path -> Linear of every attention projection (attn1/attn2 to_q, to_k, to_v, to_out.0)."""
-    return {f"{path}.{name}": (layer.to_out[0] if name == "to_out.0" else getattr(layer, name))
-            for path, layer in unet.attention_layers().items() for name in ("to_q", "to_k", "to_v", "to_out.0")}
+def lora_targets(unet: nn.Module) -> dict[str, nn.Module]:
+    """SGM module path -> layer: every Linear inside the spatial transformers (attention q/k/v/out, feed-forward,
+    proj_in/out) and every 3x3 conv of the ResBlocks (the level-0 ResBlocks draw the finest marks)."""
+    out = {}
+    for name, m in unet.named_modules():
+        in_transformer = ".transformer_blocks." in name or name.endswith((".proj_in", ".proj_out"))
+        if isinstance(m, nn.Linear) and in_transformer:
+            out[name] = m
+        elif isinstance(m, nn.Conv2d) and name.endswith(("in_layers.2", "out_layers.3")):
+            out[name] = m
+    return out
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -215,20 +515,20 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def add_lora(unet: nn.Module, rank: int, alpha: float) -> dict[str, LoraLinear]:
+def add_lora(unet: nn.Module, rank: int, alpha: float) -> dict[str, LoraAdapter]:
     wrapped = {}
-    for path, linear in attention_projections(unet).items():
-        wrapped[path] = LoraLinear(linear, rank, alpha)
+    for path, layer in lora_targets(unet).items():
+        wrapped[path] = LoraAdapter(layer, rank, alpha)
         _set_submodule(unet, path, wrapped[path])
     return wrapped
 
 
-def remove_lora(unet: nn.Module, wrapped: dict[str, LoraLinear]) -> None:
+def remove_lora(unet: nn.Module, wrapped: dict[str, LoraAdapter]) -> None:
     for path, w in wrapped.items():
         _set_submodule(unet, path, w.base)
 
 
-def kohya_state_dict(wrapped: dict[str, LoraLinear]) -> dict[str, Tensor]:
+def kohya_state_dict(wrapped: dict[str, LoraAdapter]) -> dict[str, Tensor]:
     """kohya SDXL keys: lora_unet_<SGM module path, dots as underscores>.lora_down/.lora_up/.alpha."""
     sd = {}
     for path, w in wrapped.items():
@@ -239,6 +539,52 @@ def kohya_state_dict(wrapped: dict[str, LoraLinear]) -> dict[str, Tensor]:
     return sd
 
 
+def train_lora(model: SDXL, name: str, instance: Sequence[Scene], prior: Sequence[Scene], trainer: Trainer,
+               steps: int, batch: int, rank: int, lr: float, size: int, deadline: float) -> tuple[dict, dict]:
+    """DreamBooth with prior preservation: each batch half instance images, half class images (loss weight 1)."""
+    unet, device = model.unet, trainer.device
+    scenes = list(instance) + list(prior)
+    latents = encode_latents(model, to_tensor_batch(scenes), device) * model.vae.config.scaling_factor
+    context, pooled = model.text.encode([s.caption for s in scenes])
+    y = sdxl_vector(pooled, (size, size), (0, 0), (size, size), embed_dim=SIZE_EMBED)
+    context, y = context.to(device).float(), y.to(device).float()
+    n_inst = len(instance)
+    wrapped = add_lora(unet, rank, float(rank))
+    params = [p for w in wrapped.values() for p in (w.down.weight, w.up.weight)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = trainer.optimizer([{"params": params, "lr": lr}])
+    ac = NoiseSchedule.sdxl().alphas_cumprod.to(device, torch.float32)
+    net = GroundedUNet(unet, [], grounding=False)
+    half = batch // 2
+
+    def sample() -> tuple[Tensor, ...]:
+        idx = torch.cat([trainer.randint(n_inst, half), n_inst + trainer.randint(len(scenes) - n_inst, half)])
+        x_t, t, noise = diffusion_inputs(trainer, latents[idx], ac)
+        dummy = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        return x_t, t, context[idx], y[idx], dummy, dummy.float(), noise
+
+    graph = graphed(net, sample()[:6], trainer.say) if device.type == "cuda" else None
+    call = graph if graph is not None else net
+
+    def step(i: int) -> Tensor:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(i, steps, lr, warmup=50)
+        x_t, t, c, yy, pos, w, noise = sample()
+        eps, _ = call(x_t, t, c, yy, pos, w)
+        loss = F.mse_loss(eps[:half], noise[:half]) + F.mse_loss(eps[half:], noise[half:])
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        return loss
+
+    stats = {**trainer.run(f"lora:{name}", steps, step, deadline), "mode": "eager" if graph is None else "graph"}
+    net.detach_processor()
+    state = kohya_state_dict(wrapped)
+    remove_lora(unet, wrapped)
+    return state, stats
+
+
 def save_atomic(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -246,111 +592,131 @@ def save_atomic(tensors: dict[str, Tensor], path: str, metadata: dict[str, str])
         save_file(tensors, tmp, metadata=metadata)
 
 
+# ---------------------------------------------------------------------------------------------- main
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="weights/demo")
-    p.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget for all training stages")
-    p.add_argument("--steps", type=int, default=None, help="UNet steps (others scale with it); default: budget-bound")
-    p.add_argument("--vae-steps", type=int, default=None, help="default: steps // 3 (budget-bound without --steps)")
-    p.add_argument("--lora-steps", type=int, default=None, help="per concept; default: steps // 4, else 400")
     p.add_argument("--tiny", action="store_true", help="tiny model and data for a CPU smoke run")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--init", default=None, help="start from this checkpoint (weights only), e.g. to resume")
+    p.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget; a stage past it stops early")
     p.add_argument("--size", type=int, default=None, help="image size (default 256, tiny 64)")
-    p.add_argument("--scenes", type=int, default=None, help="base training scenes (default 4000, tiny 16)")
-    p.add_argument("--concept-images", type=int, default=16)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--batch", type=int, default=64, help="UNet and VAE batch (LoRAs: all concept images)")
+    p.add_argument("--scenes", type=int, default=None, help="base training scenes (default 8000, tiny 16)")
+    p.add_argument("--vae-steps", type=int, default=None, help="default 3000 (tiny 4)")
+    p.add_argument("--unet-steps", type=int, default=None, help="default 12000 (tiny 6)")
+    p.add_argument("--lora-steps", type=int, default=None, help="per concept; default 1000 (tiny 3)")
+    p.add_argument("--batch", type=int, default=128, help="UNet batch (VAE: 32, LoRA: 32)")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--text-lr", type=float, default=1e-3)
+    p.add_argument("--grounding", type=float, default=0.3, help="weight of the grounding loss (0: off)")
+    p.add_argument("--concept-images", type=int, default=48, help="instance images per concept (as many class)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--log-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        p.error(f"unknown stage(s) {unknown}; choose from {STAGES}")
+    if "vae" not in stages and args.init is None:
+        p.error("without the vae stage, --init must give the checkpoint to start from")
+    args.stages = stages
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run every stage; returns a summary (losses, eval losses, paths), also written to <out>/train_log.json."""
+    """Run the stages; returns a summary (losses, throughput, paths), also written to <out>/train_log.json."""
     args = parse_args(argv)
     device = torch.device(args.device)
-    size = args.size or (64 if args.tiny else 256)
-    n_scenes = args.scenes or (16 if args.tiny else 4000)
-    unet_steps = args.steps if args.steps is not None else (30 if args.tiny else 10 ** 9)
-    vae_steps = max(1, unet_steps // 3) if args.steps is not None or args.tiny else 10 ** 9
-    lora_steps = max(1, unet_steps // 4) if args.steps is not None or args.tiny else 400
-    vae_steps = args.vae_steps if args.vae_steps is not None else vae_steps
-    lora_steps = args.lora_steps if args.lora_steps is not None else lora_steps
-    batch = 4 if args.tiny else args.batch
-    budget = args.minutes * 60
+    tiny = args.tiny
+    size = args.size or (64 if tiny else 256)
+    n_scenes = args.scenes or (16 if tiny else 8000)
+    vae_steps = args.vae_steps if args.vae_steps is not None else (4 if tiny else 3000)
+    unet_steps = args.unet_steps if args.unet_steps is not None else (6 if tiny else 12000)
+    lora_steps = args.lora_steps if args.lora_steps is not None else (3 if tiny else 1000)
+    batch = 4 if tiny else args.batch
     t0 = time.monotonic()
-    seed_everything(args.seed)
+    deadline = t0 + args.minutes * 60
+    torch.manual_seed(args.seed)
     if device.type == "cuda":
-        # reproducible files need fixed step counts (the time budget is wall-clock) and deterministic kernels
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    unet_cfg, vae_cfg, text_cfgs = demo_configs(args.tiny)
-    model = SDXL.random(unet_cfg, vae_cfg, text_cfgs, seed=args.seed, device=device, size_embed_dim=SIZE_EMBED)
-    model.text.requires_grad_(False)
-    scenes = base_scenes(n_scenes, size, seed=args.seed, workers=min(16, os.cpu_count() or 1))
-    images = to_tensor_batch(scenes)
-    captions = [s.caption for s in scenes]
+        torch.backends.cudnn.benchmark = True
     log: list = []
 
-    # budget split: VAE 20 %, UNet 60 %, LoRAs the rest
-    stage_seconds = {"scenes": time.monotonic() - t0}
-    t_stage = time.monotonic()
-    train_vae(model, images, vae_steps, min(batch, 32), 1e-3 if args.tiny else 6e-4, device, t0 + 0.2 * budget, log)
-    stage_seconds["vae"] = time.monotonic() - t_stage
-    model.vae.requires_grad_(False)
-    raw = encode_latents(model, images, device)
-    scale = set_scaling_factor(model, raw)
-    latents = raw * scale
-    cond = Conditioner(model, size)
-    model.unet.train()
-    eval_before = eval_loss(model, latents, captions, cond)
-    t_stage = time.monotonic()
-    train_unet(model, latents, captions, cond, unet_steps, batch, 1e-3 if args.tiny else 5e-4,
-               t0 + 0.8 * budget, log)
-    model.unet.eval()
-    stage_seconds["unet"] = time.monotonic() - t_stage
-    eval_after = eval_loss(model, latents, captions, cond)
-    model.unet.requires_grad_(False)
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    trainer = Trainer(device, args.seed, 2 if tiny else args.log_every, log, say)
+    unet_cfg, vae_cfg, text_cfgs = demo_configs(tiny)
+    if args.init:
+        model = load_sdxl(args.init, device=device, dtype=torch.float32)
+        say(f"initialised from {args.init}")
+    else:
+        model = SDXL.random(unet_cfg, vae_cfg, text_cfgs, seed=args.seed, device=device, size_embed_dim=SIZE_EMBED)
+    for module in model.components().values():
+        module.float().requires_grad_(False)
+
+    workers = min(16, os.cpu_count() or 1)
+    scenes = base_scenes(n_scenes, size, seed=args.seed, workers=workers)
+    say(f"{len(scenes)} scenes rendered")
+    stats, stage_seconds = {}, {"scenes": time.monotonic() - t0}
+    images = to_tensor_batch(scenes)
+
+    if "vae" in args.stages:
+        t_stage = time.monotonic()
+        n_concept = 4 if tiny else 400
+        concept_scenes = [s for name in sorted(CONCEPTS) for s in concept_images(name, n_concept, size, seed=99)]
+        vae_images = torch.cat([images[:max(1, len(images) // 2)], to_tensor_batch(concept_scenes)])
+        vae_deadline = t0 + 0.3 * (deadline - t0)
+        stats["vae"] = train_vae(model, vae_images, trainer, vae_steps, 8 if tiny else 32, 6e-4, vae_deadline)
+        stage_seconds["vae"] = time.monotonic() - t_stage
+        raw = encode_latents(model, images, device)
+        set_scaling_factor(model, raw)
+    scale = model.vae.config.scaling_factor
+
+    if "unet" in args.stages:
+        t_stage = time.monotonic()
+        latents = encode_latents(model, images, device) * scale
+        grids = attention_grids(model.unet.config, size // 8)
+        data = DeviceData(latents, scenes, grids, device)
+        reserve = 0.25 * (deadline - t0) if "lora" in args.stages else 0.0  # what the LoRAs keep of the budget
+        stats["unet"] = train_unet(model, data, trainer, unet_steps, batch, args.lr, args.text_lr, args.grounding,
+                                   size, deadline - reserve)
+        stage_seconds["unet"] = time.monotonic() - t_stage
 
     os.makedirs(args.out, exist_ok=True)
-    loras, lora_evals = {}, {}
-    per_concept = (budget - (time.monotonic() - t0)) / len(CONCEPTS)
-    for i, (name, spec) in enumerate(sorted(CONCEPTS.items())):
-        c_scenes = concept_images(name, args.concept_images, size, seed=args.seed)
-        c_lat = encode_latents(model, to_tensor_batch(c_scenes), device) * scale
-        c_caps = [s.caption for s in c_scenes]
-        wrapped = add_lora(model.unet, args.rank, float(args.rank))
-        t_stage = time.monotonic()
-        params = [p for w in wrapped.values() for p in (w.down.weight, w.up.weight)]
-        before = eval_loss(model, c_lat, c_caps, cond)
-        train_unet(model, c_lat, c_caps, cond, lora_steps, min(batch, len(c_lat)), 1e-3, time.monotonic() +
-                   per_concept, log, tag=f"lora:{name}", params=params, drop=0.0, seed=10 + i)
-        stage_seconds[f"lora:{name}"] = time.monotonic() - t_stage
-        lora_evals[name] = (before, eval_loss(model, c_lat, c_caps, cond))
-        path = os.path.join(args.out, f"{name}.safetensors")
-        # one metadata key: safetensors writes metadata in hash-map order, so several keys would make the
-        # file bytes differ between runs (rank and alpha are in the tensors: lora_down rows, .alpha)
-        save_atomic(kohya_state_dict(wrapped), path, {"omg.demo.concept": json.dumps(
-            {**dataclasses.asdict(spec), "prompt": f"a {spec.phrase}", "rank": args.rank}, sort_keys=True)})
-        remove_lora(model.unet, wrapped)
-        loras[name] = path
+    loras = {}
+    if "lora" in args.stages:
+        n_img = 2 if tiny else args.concept_images
+        for i, (name, spec) in enumerate(sorted(CONCEPTS.items())):
+            t_stage = time.monotonic()
+            instance = concept_images(name, n_img, size, seed=args.seed)
+            prior = concept_images(name, n_img, size, seed=args.seed, plain=True)
+            state, stats[f"lora:{name}"] = train_lora(model, name, instance, prior, trainer, lora_steps,
+                                                      4 if tiny else 32, args.rank, 1e-3, size, deadline)
+            path = os.path.join(args.out, f"{name}.safetensors")
+            # one metadata key: safetensors writes metadata in hash-map order, so several keys would make the
+            # file bytes differ between runs (rank and alpha are in the tensors: lora_down rows, .alpha)
+            save_atomic(state, path, {"omg.demo.concept": json.dumps(
+                {**dataclasses.asdict(spec), "prompt": f"a {spec.phrase}", "rank": args.rank}, sort_keys=True)})
+            loras[name] = path
+            stage_seconds[f"lora:{name}"] = time.monotonic() - t_stage
 
-    model.unet.to(torch.float16)  # halves the file; load_sdxl casts to the requested dtype anyway
-    model.text.to(torch.float16)
-    model.vae.to(torch.float16)
+    for module in model.components().values():
+        module.to(torch.float16)  # halves the file; load_sdxl casts to the requested dtype anyway
     ckpt = os.path.join(args.out, "demo_sdxl.safetensors")
     save_sgm(model, ckpt)
-    summary = {"checkpoint": ckpt, "loras": loras, "size": size, "scaling_factor": scale,
-               "unet_eval_loss": [eval_before, eval_after], "lora_eval_loss": lora_evals,
-               "steps": {tag: sum(1 for t, _, _ in log if t == tag) for tag in {t for t, _, _ in log}},
+    summary = {"checkpoint": ckpt, "loras": loras, "size": size, "scaling_factor": scale, "stats": stats,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "seconds": time.monotonic() - t0, "stage_seconds": stage_seconds, "args": vars(args),
+               "backgrounds": sorted(BACKGROUNDS),
                "concepts": {n: {"class_name": s.class_name, "phrase": s.phrase} for n, s in CONCEPTS.items()}}
     with atomic_path(os.path.join(args.out, "train_log.json")) as tmp, open(tmp, "w") as f:
         json.dump({**summary, "log": log}, f, indent=1)
-    print(json.dumps(summary, indent=1), file=sys.stderr)
+    say(json.dumps({k: summary[k] for k in ("stats", "stage_seconds", "seconds")}))
     return summary
 
 

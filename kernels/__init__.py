@@ -45,10 +45,14 @@ __all__ = ["HAS_TRITON", "LOG8_STEP", "MAP_FORMATS", "Captured", "use_triton", "
 
 
 def use_triton(*tensors: Optional[Tensor]) -> bool:
-    """True when triton imports, OMG_DISABLE_TRITON is not "1" and every given tensor is on CUDA."""
+    """True when triton imports, OMG_DISABLE_TRITON is not "1", every given tensor is on CUDA and none needs a
+    gradient (the kernels have no backward: under autograd the references run, so training gets gradients)."""
     if not HAS_TRITON or os.environ.get("OMG_DISABLE_TRITON", "") == "1":
         return False
-    return all(t.is_cuda for t in tensors if t is not None)
+    given = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
+        return False
+    return all(t.is_cuda for t in given)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
