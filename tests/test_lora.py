@@ -26,6 +26,7 @@ K2_D = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 FF = "middle_block.1.transformer_blocks.1.ff.net.0.proj"  # [512, 64] (GEGLU)
 CONV = "input_blocks.4.0.in_layers.2"  # [64, 32, 3, 3]
 CONV_D = "down_blocks.1.resnets.0.conv1"
+CONV_SQUARE = "input_blocks.4.0.out_layers.3"  # [64, 64, 3, 3]
 SKIP = "input_blocks.4.0.skip_connection"  # [64, 32, 1, 1]
 OP = "input_blocks.3.0.op"  # stride-2 3x3
 UPS = "output_blocks.2.2.conv"  # upsampler 3x3
@@ -289,6 +290,39 @@ def test_peft_dora_against_peft_merge(unet):
     for t in targets:
         torch.testing.assert_close(cw.tensors[t + ".weight"], merged.get_parameter(t + ".weight"),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [[CONV_SQUARE], [CONV, SKIP]], ids=["square", "non-square"])
+def test_peft_dora_on_convs_against_peft_merge(unet, targets):
+    """PEFT stores a conv's magnitude as [1, out, 1, 1], one value per output channel: on a square conv its
+    shape also fits the input axis (LyCORIS's [1, in, 1, 1]), and on a non-square one only the output axis."""
+    import json
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(unet),
+                                LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0, 0.3)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(torch.rand_like(p) + 0.5)  # not the initial ||W||, so a wrong norm axis shows
+    state = {k.removeprefix("base_model.model."): v.detach().clone()
+             for k, v in get_peft_model_state_dict(peft_model).items()}
+    assert [list(v.shape) for k, v in state.items() if "magnitude" in k] == [[1, 64, 1, 1]] * len(targets)
+    merged = peft_model.merge_and_unload()
+    lora = load_lora(state, metadata={"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8})})
+    cw = ConceptWeights.merge(unet, lora)
+    for t in targets:
+        torch.testing.assert_close(cw.tensors[t + ".weight"], merged.get_parameter(t + ".weight"),
+                                   rtol=1e-5, atol=1e-5)
+    # a PEFT magnitude sized like the input axis is refused, not taken as LyCORIS's input-axis form
+    key = next(k for k in state if "magnitude" in k and CONV in k) if CONV in targets else None
+    if key is not None:
+        state[key] = torch.rand(1, 32, 1, 1) + 0.5
+        with pytest.raises(LoraError, match=r"lora_magnitude_vector \(one per output\) \[1, 32, 1, 1\]"):
+            ConceptWeights.merge(unet, load_lora(state))
 
 
 def test_old_text_encoder_spellings(text):

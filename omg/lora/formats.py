@@ -39,8 +39,10 @@ _SUFFIXES: list[tuple[str, str, str]] = sorted([
     (".lokr_w2", "lokr", "w2"), (".lokr_w2_a", "lokr", "w2_a"), (".lokr_w2_b", "lokr", "w2_b"),
     (".lokr_t2", "lokr", "t2"),
     (".diff", "full", "diff"), (".diff_b", "full", "diff_b"),
-    (".alpha", "", "alpha"), (".dora_scale", "", "dora_scale"), (".lora_magnitude_vector", "", "dora_scale"),
-    (".lora_magnitude_vector.weight", "", "dora_scale"),
+    # PEFT's magnitude is per output channel whatever its shape (conv: [1, out, 1, 1]), unlike LyCORIS's
+    # dora_scale whose axis follows its shape: kept as its own part so the axis is never guessed
+    (".alpha", "", "alpha"), (".dora_scale", "", "dora_scale"), (".lora_magnitude_vector", "", "magnitude"),
+    (".lora_magnitude_vector.weight", "", "magnitude"),
 ], key=lambda s: -len(s[0]))
 
 # Keys of formats we recognise but cannot apply: refusing beats applying half of a module.
@@ -151,7 +153,13 @@ def _build(path: str, module: str, parts: dict[str, tuple[str, str, Tensor]], al
     family = families.pop()
     t = {part: v for part, (_, _, v) in parts.items()}
     alpha = float(t["alpha"].float().item()) if "alpha" in t else alphas(module, t)
-    common = dict(name=module, keys=keys, alpha=alpha, dora_scale=t.get("dora_scale"))
+    if "dora_scale" in t and "magnitude" in t:
+        raise LoraError(f"{path}: module {module!r} has both a LyCORIS dora_scale and a PEFT "
+                        f"lora_magnitude_vector: {keys}")
+    peft_dora = "magnitude" in t
+    common = dict(name=module, keys=keys, alpha=alpha,
+                  dora_scale=t["magnitude"] if peft_dora else t.get("dora_scale"),
+                  dora_on_output=True if peft_dora else None)
     try:
         if family == "lowrank":
             if "up" not in t or "down" not in t:
