@@ -191,15 +191,20 @@ class AttentionControl:
         # every row is computed as in stage 1 (same batch, same kernels), then the conditional rows are
         # overwritten: with nothing blended, stage 2 reproduces stage 1 bit for bit
         q, k, v = layer.qkv(x, context)
-        out = layer.out(F.scaled_dot_product_attention(q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v)
+        if self.store == "maps":
+            # A_stage1 · V(current context) replaces the conditional rows before the output projection, which
+            # then runs once over the whole batch: a row-grouped to_out (omg.lora.GroupedLora) needs every row
+            if self.map_format is None:
+                attended[rows] = torch.einsum("bhnt,bhtd->bhnd", self.saved[key].to(v.dtype), v[rows])
+            else:  # a kernels map format (bf16 / log8)
+                attended[rows] = kernels.replay_maps(self.saved[key].to(v.device), v[rows]).to(attended.dtype)
+            return layer.out(attended)
+        out = layer.out(attended)
         if self.store == "recompute":
             out[rows] = out[self.source_rows]
-        elif self.store == "outputs":
+        else:  # outputs
             out[rows] = self.saved[key].to(out.dtype)
-        elif self.map_format is None:  # maps: A_stage1 · V(current context)
-            out[rows] = layer.out(torch.einsum("bhnt,bhtd->bhnd", self.saved[key].to(v.dtype), v[rows]))
-        else:  # the same with a kernels map format (bf16 / log8)
-            out[rows] = layer.out(kernels.replay_maps(self.saved[key].to(v.device), v[rows]))
         return out
 
     def _reference_qk(self, q: Tensor, k: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor]:

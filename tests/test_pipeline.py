@@ -45,6 +45,34 @@ def kohya_lora(model, path, seed, rank=4, te=True):
     return str(path)
 
 
+KOHYA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+                 "in_layers.2", "out_layers.3", "skip_connection", "emb_layers.1", "op", "conv")
+
+
+def kohya_lora_all_targets(model, path, seed, rank=4, scale=0.1):
+    """A kohya LoRA/LoCon on every UNet module kohya's SDXL networks train (attention incl. to_out.0, ff,
+    proj_in/out, ResBlock convs and embeddings, down/upsamplers): sdxl kohya_sdxl_lora_modules.txt's kinds."""
+    gen = torch.Generator().manual_seed(seed)
+    sd, kinds = {}, set()
+    for name, m in model.unet.named_modules():
+        if not name.endswith(tuple("." + t for t in KOHYA_TARGETS)) or not isinstance(m, (torch.nn.Linear,
+                                                                                          torch.nn.Conv2d)):
+            continue
+        kinds.add(next(t for t in KOHYA_TARGETS if name.endswith("." + t)))
+        key = "lora_unet_" + name.replace(".", "_")
+        if isinstance(m, torch.nn.Conv2d):
+            down = torch.randn(rank, m.in_channels, *m.kernel_size, generator=gen)
+            up = torch.randn(m.out_channels, rank, 1, 1, generator=gen)
+        else:
+            down = torch.randn(rank, m.in_features, generator=gen)
+            up = torch.randn(m.out_features, rank, generator=gen)
+        sd[key + ".lora_down.weight"], sd[key + ".lora_up.weight"] = down * scale, up * scale
+        sd[key + ".alpha"] = torch.tensor(float(rank))
+    assert kinds == set(KOHYA_TARGETS)  # every kind occurs in the small UNet
+    save_file(sd, str(path))
+    return str(path)
+
+
 def run(model, concepts=(), **kw):
     prompt = kw.pop("prompt", PROMPT)
     args = dict(steps=STEPS, blend_steps=BLEND, height=H, width=W, seed=3, progress=False)
@@ -193,3 +221,19 @@ def test_grouped_and_merged_lora_modes_agree(model, tmp_path):
         assert grouped.unet_evaluations == merged.unet_evaluations
     with pytest.raises(SamplingError, match="lora_mode"):
         run(model, concepts, lora_mode="fused")
+
+
+@pytest.mark.parametrize("store,map_format", [("recompute", None), ("outputs", None), ("maps", None),
+                                              ("maps", "bf16"), ("maps", "log8")])
+def test_grouped_equals_merged_for_every_store_with_loras_on_all_kohya_targets(model, tmp_path, store, map_format):
+    """A concept LoRA on attention output projections (to_out.0) crashed the maps replay in the grouped mode: it
+    ran to_out on the conditional rows alone, and a grouped to_out needs every row of the call."""
+    loras = [kohya_lora_all_targets(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
+    concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 40, 64)),
+                omg.Concept("woman", "a photo of xyz woman", lora=loras[1], mask=(48, 0, 96, 64))]
+    kw = dict(store=store, map_format=map_format, store_dtype=None, steps=2, blend_steps=1)
+    grouped = run(model, concepts, keep_stage2=True, **kw)
+    merged = run(model, concepts, lora_mode="merged", **kw)
+    assert grouped.stage2.one_call
+    assert (merged.latent - merged.stage1_latent).abs().max().item() > 1e-2
+    assert (grouped.latent - merged.latent).abs().max().item() <= 1e-4
