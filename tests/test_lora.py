@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from omg.errors import LoraError
-from omg.lora import (ConceptWeights, UnmergedLora, load_lora, merge_lora_, merged_lora, target_table,
+from omg.lora import (ConceptWeights, UnmergedLora, bind, load_lora, merge_lora_, merged_lora, target_table,
                       text_encoder_lora)
 from omg.unet import UNet, UNetConfig, timestep_embedding
 
@@ -659,6 +659,62 @@ def test_nan_inf_and_unreadable_files(unet, tmp_path):
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(LoraError, match="cannot read LoRA file: .*junk.safetensors"):
         load_lora(str(junk))
+
+
+def write_safetensors_by_hand(path, tensors):
+    """A safetensors file from {key: (shape, float32 values)}: any shape, even ones torch refuses in most ops."""
+    import json
+    import struct
+    header, data = {}, b""
+    for key, (shape, values) in tensors.items():
+        raw = struct.pack(f"<{len(values)}f", *values)
+        header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+    return str(path)
+
+
+MALFORMED = {  # case -> the LoraError expected
+    "alpha": r"alpha\.safetensors: lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q\.alpha: "
+             r"alpha must be one number, got a tensor of shape \[4\]",
+    "rank0": r"rank0\.safetensors: module 'lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q' "
+             r"has empty .*lora_down\.weight': \[0, 64\]",
+    "dims": r"dims\.safetensors.*attn1_to_q\.lora_down\.weight.*65 dimensions; torch supports at most 64",
+}
+
+
+def malformed_state_dict(case):
+    down, up = lr(64, 4, (64,))
+    if case == "alpha":
+        return {kohya(Q) + ".lora_down.weight": down, kohya(Q) + ".lora_up.weight": up,
+                kohya(Q) + ".alpha": torch.tensor([4.0, 4.0, 4.0, 4.0])}
+    if case == "rank0":
+        return {kohya(Q) + ".lora_down.weight": torch.zeros(0, 64), kohya(Q) + ".lora_up.weight": torch.zeros(64, 0),
+                kohya(Q) + ".alpha": torch.tensor(4.0)}
+    return {kohya(Q) + ".lora_down.weight": torch.full([1] * 65, 0.5), kohya(Q) + ".lora_up.weight": up[:, :1]}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_files_are_lora_errors_naming_file_and_key_and_leave_the_model_untouched(unet, tmp_path, case):
+    """A wrong-shaped alpha, rank-0 factors and a tensor of more than 64 dimensions raised RuntimeError or
+    ZeroDivisionError from deep inside torch or the merge."""
+    sd = malformed_state_dict(case)
+    path = str(tmp_path / f"{case}.safetensors")
+    if case == "dims":  # torch refuses most ops on it, so write the header by hand
+        write_safetensors_by_hand(path, {k: (list(v.shape), v.flatten().tolist()) for k, v in sd.items()})
+    else:
+        save_file(sd, path)
+    before = snapshot(unet)
+    for apply in (lambda: load_lora(path), lambda: merge_lora_(unet, path), lambda: ConceptWeights.merge(unet, path),
+                  lambda: UnmergedLora(unet, path), lambda: bind(unet, path)):
+        with pytest.raises(LoraError, match=MALFORMED[case]):
+            apply()
+        assert_same(unet, before)
+    with pytest.raises(LoraError, match=f"^in-memory: .*attn1_to_q"):  # the same tensors as a state dict
+        load_lora(sd, name="in-memory")
 
 
 def test_overflow_during_inplace_merge_restores_everything(unet):

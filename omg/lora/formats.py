@@ -24,6 +24,7 @@ from torch import Tensor
 
 from omg.errors import CheckpointError, LoraError
 from omg.lora.adapters import Adapter, Full, LoHa, LoKr, LowRank
+from omg.tensorfile import MAX_DIMS
 
 # suffix -> (family, part); longest suffixes first so ".lora.up.weight" wins over ".up.weight"-like overlaps
 _SUFFIXES: list[tuple[str, str, str]] = sorted([
@@ -106,6 +107,9 @@ def load_lora(source: Union[str, os.PathLike, Mapping[str, Tensor]], metadata: O
         meta.update(metadata or {})
     if not sd:
         raise LoraError(f"{path}: the file holds no tensors")
+    too_many = [f"{k} ({v.dim()} dims)" for k, v in sd.items() if v.dim() > MAX_DIMS]
+    if too_many:  # torch refuses them in most ops (isfinite included); omg.tensorfile refuses such files
+        raise LoraError(f"{path}: tensors with more than {MAX_DIMS} dimensions: {sorted(too_many)[:10]}")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise LoraError(f"{path}: {len(bad)} tensors hold NaN or inf values: {sorted(bad)[:10]}")
@@ -152,6 +156,12 @@ def _build(path: str, module: str, parts: dict[str, tuple[str, str, Tensor]], al
         raise LoraError(f"{path}: module {module!r} mixes formats {sorted(families)}: {keys}")
     family = families.pop()
     t = {part: v for part, (_, _, v) in parts.items()}
+    if "alpha" in t and t["alpha"].numel() != 1:
+        raise LoraError(f"{path}: {parts['alpha'][1]}: alpha must be one number, got a tensor of shape "
+                        f"{list(t['alpha'].shape)}")
+    empty = {k: list(v.shape) for _, k, v in sorted(parts.values(), key=lambda p: p[1]) if v.numel() == 0}
+    if empty:  # a rank-0 factor: alpha / rank divides by zero, and there is nothing to apply
+        raise LoraError(f"{path}: module {module!r} has empty (rank-0 or zero-size) tensors: {empty}")
     alpha = float(t["alpha"].float().item()) if "alpha" in t else alphas(module, t)
     if "dora_scale" in t and "magnitude" in t:
         raise LoraError(f"{path}: module {module!r} has both a LyCORIS dora_scale and a PEFT "
