@@ -10,8 +10,9 @@ Formulas (sdxl-formats.md §5; kohya networks/lora.py, LyCORIS modules/{locon,lo
   DoRA (dora_scale, any of the above):  W' = dora_scale · (W + ΔW) / ‖W + ΔW‖ (LyCORIS weight_decompose:
          norm over every axis but the output axis when dora_scale.shape[0] == W.shape[0], else over every
          axis but the input axis; PEFT's lora_magnitude_vector is always on the output axis, its conv
-         shape [1, out, 1, 1] notwithstanding: peft DoraConv2dLayer); with strength s the merged weight is W + s·(W' − W) (ComfyUI; equal to
-         LyCORIS at s = 1 — LyCORIS's own multiplier instead scales dora_scale/‖·‖ − 1 around W + ΔW).
+         shape [1, out, 1, 1] notwithstanding: peft DoraConv2dLayer); with strength s the merged weight is
+         W + s·(W' − W) (ComfyUI; equal to LyCORIS at s = 1 — LyCORIS's own multiplier instead scales
+         dora_scale/‖·‖ − 1 around W + ΔW).
 Alpha 0 or missing means alpha = rank (kohya, LyCORIS).
 """
 from __future__ import annotations
