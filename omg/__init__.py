@@ -6,7 +6,7 @@
 """
 from omg.model import SDXL, load_sdxl
 
-__all__ = ["SDXL", "load_sdxl", "Concept", "Result", "generate", "sample"]
+__all__ = ["SDXL", "load_sdxl", "Concept", "Result", "generate", "sample", "regional_sample"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,7 @@ def __getattr__(name: str):
     if name == "sample":
         from omg.txt2img import sample
         return sample
+    if name == "regional_sample":  # the Mix-of-Show-style baseline (omg.regional)
+        from omg.regional import regional_sample
+        return regional_sample
     raise AttributeError(f"module 'omg' has no attribute {name!r}")

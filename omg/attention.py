@@ -31,6 +31,15 @@ import kernels
 from omg.unet import Attention, UNet
 
 STORES = ("outputs", "maps", "recompute")
+SELF_REPLAY_LAYERS = ("original", "all")
+
+
+def original_self_replay_queries(height: int, width: int) -> int:
+    """The most queries a self-attention layer may have for the original OMG code to replace it:
+    (width // 32) * (height // 32) of the image size (kongzhecn/OMG inference_lora.py passes width // 32 and
+    height // 32 to p2p_attention.AttentionReplace, which replaces layers with at most their product of
+    queries): at 1024x1024 the 32x32 level and the middle block, not the 64x64 level."""
+    return (height // 32) * (width // 32)
 
 
 def attention_probs(q: Tensor, k: Tensor) -> Tensor:
@@ -103,7 +112,8 @@ class AttentionControl:
     def __init__(self, unet: UNet, store: str = "outputs", steps: Sequence[int] = (),
                  store_dtype: torch.dtype = torch.bfloat16, store_device: Optional[torch.device] = None,
                  self_replay_steps: Sequence[int] = (), heatmap_tokens: Sequence[int] = (),
-                 latent_hw: Optional[tuple[int, int]] = None, map_format: Optional[str] = None):
+                 latent_hw: Optional[tuple[int, int]] = None, map_format: Optional[str] = None,
+                 self_replay_max_queries: Optional[int] = None):
         if store not in STORES:
             raise ValueError(f"store must be one of {STORES}, not {store!r}")
         if map_format is not None and map_format not in kernels.MAP_FORMATS:
@@ -113,6 +123,8 @@ class AttentionControl:
         self.store = store
         self.steps = set(steps)  # steps whose cross-attention stage 2 replays
         self.self_replay_steps = set(self_replay_steps)
+        # self-attention is replayed only in layers with at most this many queries (None: in every layer)
+        self.self_replay_max_queries = self_replay_max_queries
         self.store_dtype = store_dtype
         self.store_device = store_device
         self.mode = "plain"  # "plain" | "capture" | "replay"
@@ -146,6 +158,11 @@ class AttentionControl:
             return self._replay(layer, x, context)
         return layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
 
+    def _replays_self(self, x: Tensor) -> bool:
+        """Whether this step replays the self-attention of a layer whose input x is (B, queries, C)."""
+        return self.step in self.self_replay_steps and (
+            self.self_replay_max_queries is None or x.shape[1] <= self.self_replay_max_queries)
+
     def _keep(self, t: Tensor) -> Tensor:
         return t.to(device=self.store_device or t.device, dtype=self.store_dtype)
 
@@ -153,7 +170,7 @@ class AttentionControl:
         q, k, v = layer.qkv(x, context)
         rows, key = self.cond_rows, (self.step, layer.path)
         if not layer.is_cross:
-            if self.step in self.self_replay_steps and self.store != "recompute":
+            if self._replays_self(x) and self.store != "recompute":
                 self.saved[key] = (self._keep(q[rows]), self._keep(k[rows]))
             return layer.out(F.scaled_dot_product_attention(q, k, v))
         keep_maps = self.store == "maps" and self.step in self.steps
@@ -179,7 +196,7 @@ class AttentionControl:
     def _replay(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
         rows, key = self.cond_rows, (self.step, layer.path)
         if not layer.is_cross:
-            if self.step not in self.self_replay_steps:
+            if not self._replays_self(x):
                 return layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
             q, k, v = layer.qkv(x, context)
             q_ref, k_ref = self._reference_qk(q, k, key)
@@ -191,15 +208,20 @@ class AttentionControl:
         # every row is computed as in stage 1 (same batch, same kernels), then the conditional rows are
         # overwritten: with nothing blended, stage 2 reproduces stage 1 bit for bit
         q, k, v = layer.qkv(x, context)
-        out = layer.out(F.scaled_dot_product_attention(q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v)
+        if self.store == "maps":
+            # A_stage1 · V(current context) replaces the conditional rows before the output projection, which
+            # then runs once over the whole batch: a row-grouped to_out (omg.lora.GroupedLora) needs every row
+            if self.map_format is None:
+                attended[rows] = torch.einsum("bhnt,bhtd->bhnd", self.saved[key].to(v.dtype), v[rows])
+            else:  # a kernels map format (bf16 / log8)
+                attended[rows] = kernels.replay_maps(self.saved[key].to(v.device), v[rows]).to(attended.dtype)
+            return layer.out(attended)
+        out = layer.out(attended)
         if self.store == "recompute":
             out[rows] = out[self.source_rows]
-        elif self.store == "outputs":
+        else:  # outputs
             out[rows] = self.saved[key].to(out.dtype)
-        elif self.map_format is None:  # maps: A_stage1 · V(current context)
-            out[rows] = layer.out(torch.einsum("bhnt,bhtd->bhnd", self.saved[key].to(v.dtype), v[rows]))
-        else:  # the same with a kernels map format (bf16 / log8)
-            out[rows] = layer.out(kernels.replay_maps(self.saved[key].to(v.device), v[rows]))
         return out
 
     def _reference_qk(self, q: Tensor, k: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor]:

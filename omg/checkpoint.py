@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from omg import keymap
 from omg.errors import CheckpointError
-from omg.tensorfile import SHOW, PathLike, TensorSource, _first, open_source
+from omg.tensorfile import SHOW, FiniteCheck, PathLike, TensorSource, _first, open_source
 # re-exported: omg.checkpoint.load_state_dict is public API; the readers are reached from here too
 from omg.tensorfile import _DTYPES, MetaSource, SafetensorsFile, load_state_dict  # noqa: F401
 
@@ -489,14 +489,25 @@ def plan_checkpoint(ckpt: Checkpoint) -> dict[str, Plan]:
 
 
 def materialize(plan: Plan, device: Union[str, torch.device], dtype: Optional[torch.dtype]) -> nn.Module:
-    """Load the tensors (one at a time, straight to device/dtype) into the meta module; strict and complete."""
+    """Load the tensors (one at a time, straight to device/dtype) into the meta module; strict and complete.
+
+    A tensor holding NaN or inf once loaded (corrupt data, or a value beyond the dtype's range) raises a
+    CheckpointError naming it: such a model would only ever produce non-finite images.
+    """
     part = plan.part
     module = plan.module if plan.module is not None else build_on_meta(part.name, plan.config)
     plan.module = None  # the module is handed out; a plan loads once
-    state = {}
+    state, finite = {}, FiniteCheck(part.source.path)
+
+    def read(key: str) -> Tensor:
+        t = part.source.tensor(key, device, dtype)
+        finite.add(key, t)  # source keys are the file's names
+        return t
+
     for target, recipe in part.recipes.items():
-        t = recipe.apply(part.source.tensor(s, device, dtype) for s in recipe.sources)
+        t = recipe.apply(read(s) for s in recipe.sources)
         state[target] = t if t.is_contiguous() else t.contiguous()
+    finite.raise_if_any()
     module.load_state_dict(state, strict=True, assign=True)
     if hasattr(module, "rebuild_buffers"):
         module.rebuild_buffers()

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 import kernels
-from omg.attention import STORES, AttentionControl
+from omg.attention import SELF_REPLAY_LAYERS, STORES, AttentionControl, original_self_replay_queries
 from omg.errors import SamplingError
 from omg.graphs import GraphedCall, graphs_usable
 from omg.lora import ConceptWeights, GroupedLora, LoraFile, bind, load_lora, text_encoder_lora
@@ -297,7 +297,7 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
              blend_steps: int = 35, seed: int = 0, height: int = 1024, width: int = 1024, sampler: str = "ddim",
              spacing: str = "leading", sampler_options: Optional[dict] = None, store: str = "recompute",
              store_dtype: Optional[torch.dtype] = torch.bfloat16, map_format: Optional[str] = None,
-             self_replay_steps: int = 0,
+             self_replay_steps: int = 0, self_replay_layers: str = "original",
              sam: Union[str, SamRefiner, None] = None, dilate: int = 0, feather: float = 0.0,
              strict: bool = False, progress: bool = True, keep_stage2: bool = False, replay: bool = True,
              cuda_graphs: Optional[bool] = None, lora_mode: str = "grouped") -> Result:
@@ -316,7 +316,12 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     (queries and keys) for this many first blending steps; off by default: the paper replays the
     cross-attention maps, the original code's 4 self-attention steps come from prompt-to-prompt's editing
     default, they only touch the base pass (used outside the masks), and with a stored replay they cost
-    1.6 GiB of queries and keys at 1024x1024 and 0.7 s (H100, bench/results/omg_h100.json). sam: a segment-anything checkpoint path or
+    1.6 GiB of queries and keys at 1024x1024 and 0.7 s (H100, bench/results/omg_h100.json; every layer).
+    self_replay_layers: where self-attention is replayed. "original" (default, since the option exists to
+    reproduce the original code): as the original, only in layers with at most (height // 32) * (width // 32)
+    queries, i.e. at 1024x1024 the 32x32 level and the middle block (omg.attention.original_self_replay_queries),
+    which also keeps the 64x64 level's queries and keys out of a stored replay; "all": every self-attention
+    layer. sam: a segment-anything checkpoint path or
     SamRefiner to refine the attention masks. Stage 1 and stage 2 use the same seed. keep_stage2: return
     stage 2's BlendedEps in result.stage2 so that another sampler can drive it (see BlendedEps).
     replay=False (an ablation, the paper's blending without layout preservation): stage 2's base pass runs
@@ -335,6 +340,8 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     """
     concepts = list(concepts)
     _validate(model, prompt, concepts, steps, blend_steps, height, width, sampler, store, lora_mode)
+    if self_replay_layers not in SELF_REPLAY_LAYERS:
+        raise SamplingError(f"self_replay_layers must be one of {SELF_REPLAY_LAYERS}, not {self_replay_layers!r}")
     unet, device = model.unet, model.device
     graphable = graphs_usable(torch.device(device)) and store == "recompute" and self_replay_steps == 0
     if cuda_graphs and not graphable:
@@ -365,7 +372,9 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), *, negat
     noise = randn_cpu((1, unet.config.in_channels, *latent_hw), torch.Generator().manual_seed(seed), device)
     flat_tokens = sorted({i for idx in token_indices for i in idx})
     control = AttentionControl(unet, store, store_dtype=store_dtype or dtype, heatmap_tokens=flat_tokens,
-                               latent_hw=latent_hw, map_format=map_format)
+                               latent_hw=latent_hw, map_format=map_format,
+                               self_replay_max_queries=(original_self_replay_queries(height, width)
+                                                        if self_replay_layers == "original" else None))
     start = timer.lap("setup", start)
 
     # ---- stage 1 ------------------------------------------------------------------------------------------

@@ -146,6 +146,20 @@ class NoiseSchedule:
         last = torch.zeros(1, dtype=torch.float64) if to_zero else self.sigmas[:1]
         return torch.cat([self.sigmas[timesteps], last])
 
+    def prev_sigmas(self, timesteps: Tensor, to_zero: bool = True) -> Tensor:
+        """(N,) fp64: the sigma each step of diffusers' DDIMScheduler lands on, N = len(timesteps).
+
+        diffusers steps from t to prev_timestep = t - T // N (DDIMScheduler.step), not to the next listed
+        timestep; where that is negative, to the final sigma (0, or sigma(t=0) when not to_zero). For
+        "leading" timesteps (spaced by T // N) this is the next listed timestep.
+        """
+        timesteps = torch.as_tensor(timesteps).long().cpu()
+        if timesteps.ndim != 1 or len(timesteps) == 0:
+            raise SamplingError(f"timesteps must be 1-D and non-empty, got shape {tuple(timesteps.shape)}")
+        prev = timesteps - self.num_train_timesteps // len(timesteps)
+        final = torch.zeros((), dtype=torch.float64) if to_zero else self.sigmas[0]
+        return torch.where(prev >= 0, self.sigmas[prev.clamp(min=0)], final)
+
     def sampling_sigmas(self, steps: int, spacing: str = "leading", to_zero: bool = True) -> Tensor:
         """(steps+1,) fp64 sigmas for a sampler: timesteps of `spacing` (see sigmas_at), or Karras et al. 2022.
 
@@ -235,30 +249,43 @@ class EpsDenoiser:
 def sample_ddim(model: Denoiser, x: Tensor, sigmas: Tensor, extra_args: Optional[dict] = None,
                 callback: Optional[Callable[[dict], None]] = None, disable: Optional[bool] = None,
                 eta: float = 0.0, s_noise: float = 1.0,
-                noise_sampler: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tensor:
+                noise_sampler: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                landing_sigmas: Optional[Tensor] = None) -> Tensor:
     """DDIM (Song et al. 2020, eq. 12) in k-diffusion's coordinates x = x_vp * sqrt(1 + sigma^2).
 
     Dividing eq. 12 by sqrt(alpha_prev) gives x_next = x0 + sigma_down * eps + sigma_up * z, with
     sigma_up = eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2) (= DDIM's sigma_t / sqrt(alpha_prev))
     and sigma_down = sqrt(sigma_next^2 - sigma_up^2): eta = 0 is Euler, eta > 0 ancestral Euler with
     eta-scaled noise. sigma_up is capped at sigma_next (eta > 1), as k-diffusion does.
+
+    landing_sigmas (len(sigmas) - 1,): step i lands on landing_sigmas[i] instead of sigmas[i + 1], and the VP
+    latent it lands on enters step i + 1 as is, as if it were at sigmas[i + 1] (diffusers' DDIM rule, see
+    ddim_sample; NoiseSchedule.prev_sigmas).
     """
     if eta < 0:
         raise SamplingError(f"DDIM eta must be >= 0, got {eta}")
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = (lambda s, s_next: torch.randn_like(x)) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
+    if landing_sigmas is not None:
+        landing_sigmas = torch.as_tensor(landing_sigmas).to(sigmas)
+        if landing_sigmas.shape != (len(sigmas) - 1,):
+            raise SamplingError(f"landing_sigmas must have shape ({len(sigmas) - 1},), "
+                                f"got {tuple(landing_sigmas.shape)}")
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        land = sigma_next if landing_sigmas is None else landing_sigmas[i]
         denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         eps = (x - denoised) / sigma
-        sigma_up = (eta * sigma_next * (1 - (sigma_next / sigma) ** 2).sqrt()).clamp(max=sigma_next)
-        sigma_down = (sigma_next ** 2 - sigma_up ** 2).sqrt()
+        sigma_up = (eta * land * (1 - (land / sigma) ** 2).sqrt()).clamp(max=land)
+        sigma_down = (land ** 2 - sigma_up ** 2).sqrt()
         x = denoised + sigma_down * eps  # the deterministic part of eq. 12, over sqrt(alpha_prev)
-        if eta and sigma_next > 0:
-            x = x + noise_sampler(sigma, sigma_next) * (s_noise * sigma_up)
+        if eta and land > 0:
+            x = x + noise_sampler(sigma, land) * (s_noise * sigma_up)
+        if landing_sigmas is not None:  # the VP latent at `land` taken as at sigma_next (factor 1 when equal)
+            x = x * ((1 + sigma_next ** 2) / (1 + land ** 2)).sqrt()
     return x
 
 
@@ -328,7 +355,8 @@ class StepInfo:
 def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sampler] = "ddim", *,
                 schedule: Optional[NoiseSchedule] = None, start: int = 0, stop: Optional[int] = None,
                 extra_args: Optional[dict] = None, callback: Optional[Callable[[StepInfo], None]] = None,
-                disable: Optional[bool] = None, generator: Generators = None, **opts: Any) -> Tensor:
+                disable: Optional[bool] = None, generator: Generators = None,
+                landing_sigmas: Optional[Tensor] = None, **opts: Any) -> Tensor:
     """Run steps [start, stop) of `sampler` over sigmas with eps_fn; x and the result are VP latents.
 
     x is the latent entering step `start` (pure noise N(0, I) for start 0); returns the latent at sigmas[stop]
@@ -339,6 +367,8 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
     Stochastic samplers draw noise on the CPU from `generator` (one per batch item, or one for all) unless
     opts has a noise_sampler. disable turns the progress bar off (None: off when not a terminal).
     Latents are carried in fp32 at least (fp64 stays fp64), whatever the UNet's dtype.
+    landing_sigmas (len(sigmas) - 1,), "ddim" only: the sigma each step lands on when it is not the next
+    one (diffusers' DDIM rule: NoiseSchedule.prev_sigmas, ddim_sample); sliced to [start, stop) here.
     """
     schedule = schedule if schedule is not None else NoiseSchedule.sdxl()
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
@@ -353,6 +383,15 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     run_sigmas = sigmas[start:stop + 1].to(x.device, x.dtype)
     sample_fn = get_sampler(sampler)
+    if landing_sigmas is not None:
+        landing_sigmas = torch.as_tensor(landing_sigmas, dtype=torch.float64)
+        if "landing_sigmas" not in inspect.signature(sample_fn).parameters:
+            raise SamplingError(f"landing_sigmas is a DDIM option; sampler {sampler!r} does not take it")
+        if landing_sigmas.shape != (len(sigmas) - 1,) or not (
+                (landing_sigmas >= 0) & (landing_sigmas <= sigmas[:-1])).all():
+            raise SamplingError(f"landing_sigmas must be ({len(sigmas) - 1},) values in [0, sigmas[i]], "
+                                f"got {landing_sigmas.tolist()}")
+        opts["landing_sigmas"] = landing_sigmas[start:stop].to(x.device, x.dtype)
     if "noise_sampler" in inspect.signature(sample_fn).parameters and opts.get("noise_sampler") is None:
         opts["noise_sampler"] = cpu_noise_sampler(x, generator)
 
@@ -399,13 +438,36 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
     return x
 
 
-def ddim_sample(eps_fn: EpsFn, x: Tensor, timesteps: Tensor, schedule: Optional[NoiseSchedule] = None, *,
-                eta: float = 0.0, set_alpha_to_one: bool = False, **kwargs: Any) -> Tensor:
-    """DDIM over integer timesteps (descending), as diffusers' DDIMScheduler: x is the VP latent at timesteps[0].
+PREV_TIMESTEP_RULES = ("diffusers", "listed")
 
-    The last step lands on alphas_cumprod[0] (set_alpha_to_one=False, SDXL) or on 1. kwargs go to run_sampler
-    (start, stop, callback, disable, generator, noise_sampler, extra_args).
+
+def ddim_sample(eps_fn: EpsFn, x: Tensor, timesteps: Tensor, schedule: Optional[NoiseSchedule] = None, *,
+                eta: float = 0.0, set_alpha_to_one: bool = False, prev_timestep: str = "diffusers",
+                **kwargs: Any) -> Tensor:
+    """DDIM over integer timesteps (descending): x is the VP latent at timesteps[0]; the model sees
+    timesteps[i] at step i. Where step i lands is the prev_timestep rule:
+
+    - "diffusers" (default; diffusers' DDIMScheduler.step): on t - T // N (T = 1000 train timesteps,
+      N = len(timesteps), the whole list: resume with start=, not with a shortened list); the latent it lands
+      on enters step i + 1 as is, i.e. as if at timesteps[i + 1]. Reproduces DDIMScheduler step by step for
+      every timestep_spacing.
+    - "listed": on timesteps[i + 1], the noise level the next step then assumes. This is DDIM over
+      schedule.sampling_sigmas(N, spacing, to_zero=False), i.e. what run_sampler(..., "ddim"), omg.txt2img and
+      omg.generate do.
+
+    The rules agree when the timesteps are spaced by T // N, as "leading" ones are (SDXL's default); with
+    "trailing" or "linspace" at an N that does not divide T (e.g. 37) they differ. The final alpha (the
+    "diffusers" rule's landing where t - T // N < 0, the "listed" rule's after the last timestep) is
+    alphas_cumprod[0] (set_alpha_to_one=False, SDXL) or 1.
+    kwargs go to run_sampler (start, stop, callback, disable, generator, noise_sampler, extra_args).
     """
+    if prev_timestep not in PREV_TIMESTEP_RULES:
+        raise SamplingError(f"prev_timestep must be one of {PREV_TIMESTEP_RULES}, not {prev_timestep!r}")
     schedule = schedule if schedule is not None else NoiseSchedule.sdxl()
     sigmas = schedule.sigmas_at(timesteps, to_zero=set_alpha_to_one)
-    return run_sampler(eps_fn, x, sigmas, "ddim", schedule=schedule, eta=eta, **kwargs)
+    landing = None
+    if prev_timestep == "diffusers":
+        landing = schedule.prev_sigmas(timesteps, to_zero=set_alpha_to_one)
+        if torch.equal(landing, sigmas[1:]):  # leading spacing: the listed rule, on its own code path
+            landing = None
+    return run_sampler(eps_fn, x, sigmas, "ddim", schedule=schedule, eta=eta, landing_sigmas=landing, **kwargs)

@@ -25,6 +25,7 @@ from omg.errors import CheckpointError
 PathLike = Union[str, "os.PathLike[str]"]
 SHOW = 5  # offending keys named per kind of problem
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors package refuses larger headers too
+MAX_DIMS = 64  # torch's limit: most ops (isfinite, reshape, ...) refuse tensors with more dimensions
 
 _DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
@@ -48,6 +49,31 @@ def _convert(t: Tensor, device: Union[str, torch.device], dtype: Optional[torch.
     if out.data_ptr() == t.data_ptr() and out.device == t.device:
         out = out.clone()  # never hand out memory that belongs to the file mapping
     return out
+
+
+class FiniteCheck:
+    """Whether every loaded floating tensor is finite: one isfinite pass per tensor on its own device, the
+    flags read back once in raise_if_any (one host-device sync for a whole part, not one per tensor)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._flags: list[Tensor] = []
+        self._keys: list[str] = []
+
+    def add(self, key: str, t: Tensor) -> None:
+        if t.is_floating_point() and t.numel():
+            self._flags.append(torch.isfinite(t).all())
+            self._keys.append(key)
+
+    def raise_if_any(self) -> None:
+        """CheckpointError naming the tensors that hold NaN or inf (in the dtype they were loaded in)."""
+        if not self._flags:
+            return
+        ok = torch.stack([f.to(self._flags[0].device) for f in self._flags]).cpu().tolist()
+        bad = [k for k, good in zip(self._keys, ok) if not good]
+        if bad:
+            raise CheckpointError(f"{self.path}: {len(bad)} tensors hold NaN or inf values (a corrupt file, or "
+                                  f"values too large for the load dtype): {_first(bad)}")
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -151,6 +177,9 @@ class SafetensorsFile(TensorSource):
                 continue
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 problems.append(f"{key!r}: shape {shape!r} is not a list of non-negative integers")
+                continue
+            if len(shape) > MAX_DIMS:
+                problems.append(f"{key!r}: {len(shape)} dimensions; torch supports at most {MAX_DIMS}")
                 continue
             if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
                 problems.append(f"{key!r}: data_offsets {offsets!r} must be two integers [begin, end]")
@@ -260,6 +289,10 @@ class PickleFile(TensorSource):
             raise CheckpointError(f"{self.path}: expected a state dict (a mapping of names to tensors), "
                                   f"got {type(obj).__name__}")
         self._tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+        too_many = [f"{k!r} ({v.dim()})" for k, v in self._tensors.items() if v.dim() > MAX_DIMS]
+        if too_many:
+            raise CheckpointError(f"{self.path}: tensors with more dimensions than torch supports "
+                                  f"({MAX_DIMS}): {_first(too_many)}")
 
     def keys(self) -> list[str]:
         return list(self._tensors)

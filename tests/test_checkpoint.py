@@ -489,3 +489,39 @@ def test_loads_straight_to_cuda(tiny, tiny_file):
     assert all(t.device.type == "cuda" for m in back.components().values() for t in [*m.parameters(), *m.buffers()])
     sd, want = back.unet.state_dict(), tiny.unet.state_dict()
     assert all(torch.equal(sd[k].cpu(), want[k].half()) for k in want)
+
+
+def test_non_finite_tensors_are_rejected_at_load_naming_them(tiny, tmp_path):
+    """NaN/inf weights loaded silently and gave non-finite images; a value finite in the file but beyond the load
+    dtype's range (fp16: 65504) is as bad."""
+    nan_key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    for bad, value in ((nan_key, float("nan")), ("first_stage_model.decoder.conv_out.bias", float("-inf")),
+                       ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight", float("inf"))):
+        sd = {k: t.contiguous().clone() for k, t in tiny.sgm_state_dict().items()}
+        sd[bad].view(-1)[1] = value
+        path = tmp_path / "nan.safetensors"
+        save_file(sd, path, metadata={"omg.config": json.dumps(tiny.configs())})
+        expect_error(path, "NaN or inf", bad)
+    sd = {k: t.contiguous().clone() for k, t in tiny.sgm_state_dict().items()}
+    sd[nan_key][0, 0] = 1e6
+    big = tmp_path / "big.safetensors"
+    save_file(sd, big, metadata={"omg.config": json.dumps(tiny.configs())})
+    assert load_sdxl(big, dtype=torch.float32).unet.get_parameter(nan_key.split(".", 2)[2]).max() == 1e6
+    with pytest.raises(CheckpointError, match=rf"big\.safetensors.*NaN or inf.*{nan_key}"):
+        load_sdxl(big, dtype=torch.float16)
+
+
+def test_tensors_of_more_than_64_dims_are_rejected(tmp_path):
+    """torch refuses most ops on them (isfinite: 'only tensors with up to 64 dims are supported')."""
+    header = {"ok": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "deep": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [8, 12]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + struct.pack("<3f", 1, 2, 3))
+    with pytest.raises(CheckpointError, match=r"deep\.safetensors.*'deep': 65 dimensions; torch supports at most 64"):
+        C.load_state_dict(path)
+    pt = tmp_path / "deep.pt"
+    torch.save({"deep": torch.zeros([1] * 65)}, pt)
+    with pytest.raises(CheckpointError, match=r"deep\.pt.*'deep' \(65\)"):
+        C.load_state_dict(pt)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from omg.errors import LoraError
-from omg.lora import (ConceptWeights, UnmergedLora, load_lora, merge_lora_, merged_lora, target_table,
+from omg.lora import (ConceptWeights, UnmergedLora, bind, load_lora, merge_lora_, merged_lora, target_table,
                       text_encoder_lora)
 from omg.unet import UNet, UNetConfig, timestep_embedding
 
@@ -26,6 +26,7 @@ K2_D = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 FF = "middle_block.1.transformer_blocks.1.ff.net.0.proj"  # [512, 64] (GEGLU)
 CONV = "input_blocks.4.0.in_layers.2"  # [64, 32, 3, 3]
 CONV_D = "down_blocks.1.resnets.0.conv1"
+CONV_SQUARE = "input_blocks.4.0.out_layers.3"  # [64, 64, 3, 3]
 SKIP = "input_blocks.4.0.skip_connection"  # [64, 32, 1, 1]
 OP = "input_blocks.3.0.op"  # stride-2 3x3
 UPS = "output_blocks.2.2.conv"  # upsampler 3x3
@@ -289,6 +290,39 @@ def test_peft_dora_against_peft_merge(unet):
     for t in targets:
         torch.testing.assert_close(cw.tensors[t + ".weight"], merged.get_parameter(t + ".weight"),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [[CONV_SQUARE], [CONV, SKIP]], ids=["square", "non-square"])
+def test_peft_dora_on_convs_against_peft_merge(unet, targets):
+    """PEFT stores a conv's magnitude as [1, out, 1, 1], one value per output channel: on a square conv its
+    shape also fits the input axis (LyCORIS's [1, in, 1, 1]), and on a non-square one only the output axis."""
+    import json
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(unet),
+                                LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0, 0.3)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(torch.rand_like(p) + 0.5)  # not the initial ||W||, so a wrong norm axis shows
+    state = {k.removeprefix("base_model.model."): v.detach().clone()
+             for k, v in get_peft_model_state_dict(peft_model).items()}
+    assert [list(v.shape) for k, v in state.items() if "magnitude" in k] == [[1, 64, 1, 1]] * len(targets)
+    merged = peft_model.merge_and_unload()
+    lora = load_lora(state, metadata={"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8})})
+    cw = ConceptWeights.merge(unet, lora)
+    for t in targets:
+        torch.testing.assert_close(cw.tensors[t + ".weight"], merged.get_parameter(t + ".weight"),
+                                   rtol=1e-5, atol=1e-5)
+    # a PEFT magnitude sized like the input axis is refused, not taken as LyCORIS's input-axis form
+    key = next(k for k in state if "magnitude" in k and CONV in k) if CONV in targets else None
+    if key is not None:
+        state[key] = torch.rand(1, 32, 1, 1) + 0.5
+        with pytest.raises(LoraError, match=r"lora_magnitude_vector \(one per output\) \[1, 32, 1, 1\]"):
+            ConceptWeights.merge(unet, load_lora(state))
 
 
 def test_old_text_encoder_spellings(text):
@@ -625,6 +659,62 @@ def test_nan_inf_and_unreadable_files(unet, tmp_path):
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(LoraError, match="cannot read LoRA file: .*junk.safetensors"):
         load_lora(str(junk))
+
+
+def write_safetensors_by_hand(path, tensors):
+    """A safetensors file from {key: (shape, float32 values)}: any shape, even ones torch refuses in most ops."""
+    import json
+    import struct
+    header, data = {}, b""
+    for key, (shape, values) in tensors.items():
+        raw = struct.pack(f"<{len(values)}f", *values)
+        header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+    return str(path)
+
+
+MALFORMED = {  # case -> the LoraError expected
+    "alpha": r"alpha\.safetensors: lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q\.alpha: "
+             r"alpha must be one number, got a tensor of shape \[4\]",
+    "rank0": r"rank0\.safetensors: module 'lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q' "
+             r"has empty .*lora_down\.weight': \[0, 64\]",
+    "dims": r"dims\.safetensors.*attn1_to_q\.lora_down\.weight.*65 dimensions; torch supports at most 64",
+}
+
+
+def malformed_state_dict(case):
+    down, up = lr(64, 4, (64,))
+    if case == "alpha":
+        return {kohya(Q) + ".lora_down.weight": down, kohya(Q) + ".lora_up.weight": up,
+                kohya(Q) + ".alpha": torch.tensor([4.0, 4.0, 4.0, 4.0])}
+    if case == "rank0":
+        return {kohya(Q) + ".lora_down.weight": torch.zeros(0, 64), kohya(Q) + ".lora_up.weight": torch.zeros(64, 0),
+                kohya(Q) + ".alpha": torch.tensor(4.0)}
+    return {kohya(Q) + ".lora_down.weight": torch.full([1] * 65, 0.5), kohya(Q) + ".lora_up.weight": up[:, :1]}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_files_are_lora_errors_naming_file_and_key_and_leave_the_model_untouched(unet, tmp_path, case):
+    """A wrong-shaped alpha, rank-0 factors and a tensor of more than 64 dimensions raised RuntimeError or
+    ZeroDivisionError from deep inside torch or the merge."""
+    sd = malformed_state_dict(case)
+    path = str(tmp_path / f"{case}.safetensors")
+    if case == "dims":  # torch refuses most ops on it, so write the header by hand
+        write_safetensors_by_hand(path, {k: (list(v.shape), v.flatten().tolist()) for k, v in sd.items()})
+    else:
+        save_file(sd, path)
+    before = snapshot(unet)
+    for apply in (lambda: load_lora(path), lambda: merge_lora_(unet, path), lambda: ConceptWeights.merge(unet, path),
+                  lambda: UnmergedLora(unet, path), lambda: bind(unet, path)):
+        with pytest.raises(LoraError, match=MALFORMED[case]):
+            apply()
+        assert_same(unet, before)
+    with pytest.raises(LoraError, match=f"^in-memory: .*attn1_to_q"):  # the same tensors as a state dict
+        load_lora(sd, name="in-memory")
 
 
 def test_overflow_during_inplace_merge_restores_everything(unet):

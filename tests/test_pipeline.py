@@ -45,6 +45,34 @@ def kohya_lora(model, path, seed, rank=4, te=True):
     return str(path)
 
 
+KOHYA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+                 "in_layers.2", "out_layers.3", "skip_connection", "emb_layers.1", "op", "conv")
+
+
+def kohya_lora_all_targets(model, path, seed, rank=4, scale=0.1):
+    """A kohya LoRA/LoCon on every UNet module kohya's SDXL networks train (attention incl. to_out.0, ff,
+    proj_in/out, ResBlock convs and embeddings, down/upsamplers): sdxl kohya_sdxl_lora_modules.txt's kinds."""
+    gen = torch.Generator().manual_seed(seed)
+    sd, kinds = {}, set()
+    for name, m in model.unet.named_modules():
+        if not name.endswith(tuple("." + t for t in KOHYA_TARGETS)) or not isinstance(m, (torch.nn.Linear,
+                                                                                          torch.nn.Conv2d)):
+            continue
+        kinds.add(next(t for t in KOHYA_TARGETS if name.endswith("." + t)))
+        key = "lora_unet_" + name.replace(".", "_")
+        if isinstance(m, torch.nn.Conv2d):
+            down = torch.randn(rank, m.in_channels, *m.kernel_size, generator=gen)
+            up = torch.randn(m.out_channels, rank, 1, 1, generator=gen)
+        else:
+            down = torch.randn(rank, m.in_features, generator=gen)
+            up = torch.randn(m.out_features, rank, generator=gen)
+        sd[key + ".lora_down.weight"], sd[key + ".lora_up.weight"] = down * scale, up * scale
+        sd[key + ".alpha"] = torch.tensor(float(rank))
+    assert kinds == set(KOHYA_TARGETS)  # every kind occurs in the small UNet
+    save_file(sd, str(path))
+    return str(path)
+
+
 def run(model, concepts=(), **kw):
     prompt = kw.pop("prompt", PROMPT)
     args = dict(steps=STEPS, blend_steps=BLEND, height=H, width=W, seed=3, progress=False)
@@ -193,3 +221,82 @@ def test_grouped_and_merged_lora_modes_agree(model, tmp_path):
         assert grouped.unet_evaluations == merged.unet_evaluations
     with pytest.raises(SamplingError, match="lora_mode"):
         run(model, concepts, lora_mode="fused")
+
+
+@pytest.mark.parametrize("store,map_format", [("recompute", None), ("outputs", None), ("maps", None),
+                                              ("maps", "bf16"), ("maps", "log8")])
+def test_grouped_equals_merged_for_every_store_with_loras_on_all_kohya_targets(model, tmp_path, store, map_format):
+    """A concept LoRA on attention output projections (to_out.0) crashed the maps replay in the grouped mode: it
+    ran to_out on the conditional rows alone, and a grouped to_out needs every row of the call."""
+    loras = [kohya_lora_all_targets(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
+    concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 40, 64)),
+                omg.Concept("woman", "a photo of xyz woman", lora=loras[1], mask=(48, 0, 96, 64))]
+    kw = dict(store=store, map_format=map_format, store_dtype=None, steps=2, blend_steps=1)
+    grouped = run(model, concepts, keep_stage2=True, **kw)
+    merged = run(model, concepts, lora_mode="merged", **kw)
+    assert grouped.stage2.one_call
+    assert (merged.latent - merged.stage1_latent).abs().max().item() > 1e-2
+    assert (grouped.latent - merged.latent).abs().max().item() <= 1e-4
+
+
+def self_attention_queries(model, latent_hw):
+    """{attn1 path: its query count} at a latent size, read from a plain UNet call (independent of omg.attention)."""
+    queries = {}
+    hooks = [m.register_forward_hook(lambda m, args, out: queries.setdefault(m.path, args[0].shape[1]))
+             for m in model.unet.modules() if isinstance(m, omg.unet.Attention) and not m.is_cross]
+    cfg = model.unet.config
+    with torch.no_grad():
+        model.unet(torch.zeros(1, cfg.in_channels, *latent_hw), torch.zeros(1), torch.zeros(1, 77, cfg.context_dim),
+                   torch.zeros(1, cfg.adm_in_channels))
+    for h in hooks:
+        h.remove()
+    return queries
+
+
+def replayed_self_layers(monkeypatch):
+    """Spy on the self-attention replay: the (step, layer path) of every replaced self-attention."""
+    from omg.attention import AttentionControl
+    seen, original = set(), AttentionControl._reference_qk
+
+    def spy(self, q, k, key):
+        seen.add(key)
+        return original(self, q, k, key)
+    monkeypatch.setattr(AttentionControl, "_reference_qk", spy)
+    return seen
+
+
+def test_self_replay_follows_the_original_schedule_and_layers(model, monkeypatch):
+    """The original replaces self-attention (p2p self_replace_steps=0.4 of 50) at steps < 20 in layers with at most
+    (W // 32) * (H // 32) queries; its stage 2 blends from step 16 (i > 15), and before that stage 2 equals stage 1.
+    So with blend_steps=34 and self_replay_steps=4 omg must replace exactly steps 16-19 in those layers."""
+    queries = self_attention_queries(model, (H // 8, W // 8))
+    assert sorted(set(queries.values())) == [6, 24]  # latent 8x12: levels of 4x6 and 2x3 (and the middle block)
+    limit = (W // 32) * (H // 32)  # 6: the 2x3 level and the middle block, as the 32x32 level at 1024x1024
+    steps, replace_until, blend_from = 50, int(50 * 0.4), 16  # the original's p2p schedule and `if i > 15`
+    expected = {(i, path) for i in range(blend_from, replace_until) for path, n in queries.items() if n <= limit}
+    seen = replayed_self_layers(monkeypatch)
+    run(model, steps=steps, blend_steps=steps - blend_from, self_replay_steps=replace_until - blend_from)
+    assert seen == expected
+    assert {p for _, p in expected} < set(queries)  # the rule does leave layers out
+
+
+@pytest.mark.parametrize("store", ["recompute", "outputs"])
+def test_self_replay_layers_original_against_all(model, tmp_path, monkeypatch, store):
+    lora = kohya_lora(model, tmp_path / "a.safetensors", seed=0)
+    concepts = [omg.Concept("man", "a photo of sks man", lora=lora, mask=(0, 0, 40, 64))]
+    queries = self_attention_queries(model, (H // 8, W // 8))
+    seen = replayed_self_layers(monkeypatch)
+    results = {}
+    for rule in ("original", "all"):
+        seen.clear()
+        results[rule] = run(model, concepts, self_replay_steps=2, self_replay_layers=rule, store=store,
+                            store_dtype=None, keep_stage2=True)
+        first = STEPS - BLEND
+        allowed = {p for p, n in queries.items() if rule == "all" or n <= (W // 32) * (H // 32)}
+        assert seen == {(i, p) for i in (first, first + 1) for p in allowed}, rule
+        if store == "outputs":  # only those layers' queries and keys are kept
+            saved = {k for k in results[rule].stage2.record.control.saved if k[1] in queries}
+            assert saved == seen
+    assert (results["original"].latent - results["all"].latent).abs().max().item() > 1e-4
+    with pytest.raises(SamplingError, match="self_replay_layers"):
+        run(model, concepts, self_replay_steps=2, self_replay_layers="some")

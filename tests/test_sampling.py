@@ -139,6 +139,71 @@ def test_ddim_equals_diffusers_step_by_step(spacing, eta):
     torch.testing.assert_close(infos[3].eps, eps_fn(theirs[3], ref.timesteps[3]), rtol=0, atol=1e-9)
 
 
+def diffusers_ddim_run(spacing, steps, eta, x0, zs, eps_fn):
+    """diffusers' DDIMScheduler driven step by step (its alphas in fp64, so the step rule is what is compared)."""
+    from diffusers import DDIMScheduler
+    ref = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                        timestep_spacing=spacing, set_alpha_to_one=False, clip_sample=False)
+    ref.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    ref.final_alpha_cumprod = ref.alphas_cumprod[0]
+    ref.set_timesteps(steps)
+    xs, x = [x0], x0
+    for i, t in enumerate(ref.timesteps):
+        x = ref.step(eps_fn(x, t), t, x, eta=eta, variance_noise=zs[i]).prev_sample
+        xs.append(x)
+    return ref.timesteps, xs
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_follows_diffusers_prev_timestep_when_steps_do_not_divide_1000(spacing, eta):
+    """diffusers steps from t to t - 1000 // N, not to the next listed timestep: at N = 37 "trailing" and
+    "linspace" timesteps are spaced by 27 or 28, so its steps land between them; ddim_sample's default follows."""
+    steps = 37
+    eps_fn = make_eps_fn()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 6, 5, generator=g, dtype=F64)
+    zs = [torch.randn(2, 4, 6, 5, generator=g, dtype=F64) for _ in range(steps)]
+    ref_ts, theirs = diffusers_ddim_run(spacing, steps, eta, x0, zs, eps_fn)
+    ts = SCHEDULE.timesteps(steps, spacing)
+    assert ts.tolist() == ref_ts.tolist()
+
+    def run(**kw):
+        infos, noise = [], iter(zs)
+        out = ddim_sample(eps_fn, x0, ts, eta=eta, callback=infos.append, disable=True,
+                          noise_sampler=lambda s, s_next: next(noise), **kw)
+        return infos, [info.x for info in infos] + [out]
+
+    infos, ours = run()
+    assert [info.t for info in infos] == ref_ts.tolist()
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert (a - b).abs().max() <= 1e-6, f"step {i}: {(a - b).abs().max():.3g}"
+    # resuming mid-run keeps diffusers' rule (the landing sigmas are sliced with the steps)
+    resumed = ddim_sample(eps_fn, theirs[20], ts, eta=eta, start=20, disable=True,
+                          noise_sampler=(lambda it: lambda s, s_next: next(it))(iter(zs[20:])))
+    assert (resumed - theirs[-1]).abs().max() <= 1e-6
+
+    # "listed" is DDIM over sampling_sigmas (run_sampler, generate): equal to diffusers only for "leading"
+    _, listed = run(prev_timestep="listed")
+    noise = iter(zs)
+    via_sigmas = run_sampler(eps_fn, x0, SCHEDULE.sampling_sigmas(steps, spacing, to_zero=False), "ddim",
+                             eta=eta, disable=True, noise_sampler=lambda s, s_next: next(noise))
+    assert torch.equal(listed[-1], via_sigmas)
+    rel = float((listed[-1] - theirs[-1]).norm() / theirs[-1].norm())
+    if spacing == "leading":
+        assert torch.equal(listed[-1], ours[-1])  # both rules take the same code path, bit for bit
+    else:
+        assert rel > 1e-3, rel
+
+
+def test_prev_timestep_rule_is_checked():
+    with pytest.raises(SamplingError, match="prev_timestep"):
+        ddim_sample(make_eps_fn(), torch.zeros(1, 4, 2, 2), SCHEDULE.timesteps(5), prev_timestep="next")
+    with pytest.raises(SamplingError, match="DDIM option"):
+        run_sampler(make_eps_fn(), torch.zeros(1, 4, 2, 2), SCHEDULE.sampling_sigmas(5), "euler",
+                    landing_sigmas=SCHEDULE.sampling_sigmas(5)[1:])
+
+
 def test_ddim_is_euler_and_ancestral_euler_of_k_diffusion():
     kd = k_diffusion()
     model = EpsDenoiser(make_eps_fn())

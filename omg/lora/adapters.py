@@ -9,8 +9,10 @@ Formulas (sdxl-formats.md §5; kohya networks/lora.py, LyCORIS modules/{locon,lo
   Full:  ΔW = diff, Δb = diff_b
   DoRA (dora_scale, any of the above):  W' = dora_scale · (W + ΔW) / ‖W + ΔW‖ (LyCORIS weight_decompose:
          norm over every axis but the output axis when dora_scale.shape[0] == W.shape[0], else over every
-         axis but the input axis); with strength s the merged weight is W + s·(W' − W) (ComfyUI; equal to
-         LyCORIS at s = 1 — LyCORIS's own multiplier instead scales dora_scale/‖·‖ − 1 around W + ΔW).
+         axis but the input axis; PEFT's lora_magnitude_vector is always on the output axis, its conv
+         shape [1, out, 1, 1] notwithstanding: peft DoraConv2dLayer); with strength s the merged weight is
+         W + s·(W' − W) (ComfyUI; equal to LyCORIS at s = 1 — LyCORIS's own multiplier instead scales
+         dora_scale/‖·‖ − 1 around W + ΔW).
 Alpha 0 or missing means alpha = rank (kohya, LyCORIS).
 """
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Adapter:
     keys: list[str]  # the file keys it was built from, for error messages
     alpha: Optional[float] = None
     dora_scale: Optional[Tensor] = None
+    # True: dora_scale is per output channel whatever its shape (PEFT); None: its shape decides (LyCORIS)
+    dora_on_output: Optional[bool] = None
     kind: str = field(default="", init=False)
 
     # -- interface ---------------------------------------------------------------------------
@@ -96,19 +100,36 @@ class Adapter:
             self._add_delta_(w, strength)
             return
         delta = self.delta(w.device).reshape(w.shape)
-        decomposed = dora(w + delta, self.dora_scale.to(w.device, torch.float32), self.keys)
+        decomposed = dora(w + delta, self.dora_scale.to(w.device, torch.float32), self.keys, self.dora_on_output)
         w.add_(decomposed - w, alpha=strength)
 
     def _add_delta_(self, w: Tensor, strength: float) -> None:
         w.add_(self.delta(w.device).reshape(w.shape), alpha=strength)
 
 
-def dora(w: Tensor, magnitude: Tensor, keys=()) -> Tensor:
-    """LyCORIS weight_decompose: magnitude · w / ‖w‖, norm over the axes magnitude does not span."""
-    if magnitude.shape[0] == w.shape[0] and magnitude.numel() == w.shape[0]:  # wd_on_out
+def dora_axis(magnitude_shape: Shape, w_shape: Shape, on_output: Optional[bool] = None) -> Optional[int]:
+    """The weight axis a DoRA magnitude spans (0 output, 1 input), None when it fits neither.
+
+    on_output=True (PEFT) allows only the output axis; otherwise the shape decides (LyCORIS wd_on_out:
+    shape[0] == out, else older LyCORIS's input axis [1, in, ...]).
+    """
+    numel = math.prod(magnitude_shape)
+    if on_output:
+        return 0 if len(w_shape) >= 1 and numel == w_shape[0] else None
+    if len(magnitude_shape) >= 1 and magnitude_shape[0] == w_shape[0] and numel == w_shape[0]:
+        return 0
+    if len(w_shape) >= 2 and numel == w_shape[1]:
+        return 1
+    return None
+
+
+def dora(w: Tensor, magnitude: Tensor, keys=(), on_output: Optional[bool] = None) -> Tensor:
+    """LyCORIS weight_decompose: magnitude · w / ‖w‖, norm over the axes magnitude does not span (dora_axis)."""
+    axis = dora_axis(tuple(magnitude.shape), tuple(w.shape), on_output)
+    if axis == 0:  # wd_on_out
         mag = magnitude.reshape(w.shape[0], *[1] * (w.dim() - 1))
         norm = torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())), keepdim=True)
-    elif w.dim() >= 2 and magnitude.numel() == w.shape[1]:  # decomposed on the input axis (older LyCORIS)
+    elif axis == 1:  # decomposed on the input axis (older LyCORIS)
         mag = magnitude.reshape(1, w.shape[1], *[1] * (w.dim() - 2))
         norm = torch.linalg.vector_norm(w, dim=(0, *range(2, w.dim())), keepdim=True)
     else:

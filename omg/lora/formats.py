@@ -24,6 +24,7 @@ from torch import Tensor
 
 from omg.errors import CheckpointError, LoraError
 from omg.lora.adapters import Adapter, Full, LoHa, LoKr, LowRank
+from omg.tensorfile import MAX_DIMS
 
 # suffix -> (family, part); longest suffixes first so ".lora.up.weight" wins over ".up.weight"-like overlaps
 _SUFFIXES: list[tuple[str, str, str]] = sorted([
@@ -39,8 +40,10 @@ _SUFFIXES: list[tuple[str, str, str]] = sorted([
     (".lokr_w2", "lokr", "w2"), (".lokr_w2_a", "lokr", "w2_a"), (".lokr_w2_b", "lokr", "w2_b"),
     (".lokr_t2", "lokr", "t2"),
     (".diff", "full", "diff"), (".diff_b", "full", "diff_b"),
-    (".alpha", "", "alpha"), (".dora_scale", "", "dora_scale"), (".lora_magnitude_vector", "", "dora_scale"),
-    (".lora_magnitude_vector.weight", "", "dora_scale"),
+    # PEFT's magnitude is per output channel whatever its shape (conv: [1, out, 1, 1]), unlike LyCORIS's
+    # dora_scale whose axis follows its shape: kept as its own part so the axis is never guessed
+    (".alpha", "", "alpha"), (".dora_scale", "", "dora_scale"), (".lora_magnitude_vector", "", "magnitude"),
+    (".lora_magnitude_vector.weight", "", "magnitude"),
 ], key=lambda s: -len(s[0]))
 
 # Keys of formats we recognise but cannot apply: refusing beats applying half of a module.
@@ -104,6 +107,9 @@ def load_lora(source: Union[str, os.PathLike, Mapping[str, Tensor]], metadata: O
         meta.update(metadata or {})
     if not sd:
         raise LoraError(f"{path}: the file holds no tensors")
+    too_many = [f"{k} ({v.dim()} dims)" for k, v in sd.items() if v.dim() > MAX_DIMS]
+    if too_many:  # torch refuses them in most ops (isfinite included); omg.tensorfile refuses such files
+        raise LoraError(f"{path}: tensors with more than {MAX_DIMS} dimensions: {sorted(too_many)[:10]}")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise LoraError(f"{path}: {len(bad)} tensors hold NaN or inf values: {sorted(bad)[:10]}")
@@ -150,8 +156,20 @@ def _build(path: str, module: str, parts: dict[str, tuple[str, str, Tensor]], al
         raise LoraError(f"{path}: module {module!r} mixes formats {sorted(families)}: {keys}")
     family = families.pop()
     t = {part: v for part, (_, _, v) in parts.items()}
+    if "alpha" in t and t["alpha"].numel() != 1:
+        raise LoraError(f"{path}: {parts['alpha'][1]}: alpha must be one number, got a tensor of shape "
+                        f"{list(t['alpha'].shape)}")
+    empty = {k: list(v.shape) for _, k, v in sorted(parts.values(), key=lambda p: p[1]) if v.numel() == 0}
+    if empty:  # a rank-0 factor: alpha / rank divides by zero, and there is nothing to apply
+        raise LoraError(f"{path}: module {module!r} has empty (rank-0 or zero-size) tensors: {empty}")
     alpha = float(t["alpha"].float().item()) if "alpha" in t else alphas(module, t)
-    common = dict(name=module, keys=keys, alpha=alpha, dora_scale=t.get("dora_scale"))
+    if "dora_scale" in t and "magnitude" in t:
+        raise LoraError(f"{path}: module {module!r} has both a LyCORIS dora_scale and a PEFT "
+                        f"lora_magnitude_vector: {keys}")
+    peft_dora = "magnitude" in t
+    common = dict(name=module, keys=keys, alpha=alpha,
+                  dora_scale=t["magnitude"] if peft_dora else t.get("dora_scale"),
+                  dora_on_output=True if peft_dora else None)
     try:
         if family == "lowrank":
             if "up" not in t or "down" not in t:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from omg.errors import LoraError
-from omg.lora.adapters import Adapter, Full, fits
+from omg.lora.adapters import Adapter, Full, dora_axis, fits
 from omg.lora.formats import LoraFile, load_lora
 from omg.lora.targets import Target, family, target_table
 
@@ -118,8 +118,10 @@ def bind(root: nn.Module, loras: LoraSpec, strict: bool = False) -> dict[str, li
                 if not fits(ds, shape):
                     errors.append(f"{name}: delta {list(ds)} for {target.weight} {list(shape)}")
                     continue
-                if adapter.dora_scale is not None and not _dora_fits(adapter.dora_scale, shape):
-                    errors.append(f"{name}: dora_scale {list(adapter.dora_scale.shape)} for {list(shape)}")
+                if adapter.dora_scale is not None and dora_axis(tuple(adapter.dora_scale.shape), shape,
+                                                                adapter.dora_on_output) is None:
+                    what = "PEFT lora_magnitude_vector (one per output)" if adapter.dora_on_output else "dora_scale"
+                    errors.append(f"{name}: {what} {list(adapter.dora_scale.shape)} for {list(shape)}")
                     continue
                 patches.setdefault(target.weight, []).append(Patch(adapter, target, strength, "weight", lora.path))
             db = adapter.diff_b if isinstance(adapter, Full) else None
@@ -147,10 +149,6 @@ def bind(root: nn.Module, loras: LoraSpec, strict: bool = False) -> dict[str, li
                 raise LoraError(msg)
             warnings.warn(msg, stacklevel=3)
     return patches
-
-
-def _dora_fits(scale: Tensor, shape: tuple[int, ...]) -> bool:
-    return (scale.shape[0] == shape[0] and scale.numel() == shape[0]) or (len(shape) > 1 and scale.numel() == shape[1])
 
 
 @torch.no_grad()
