@@ -1,79 +1,67 @@
-"""OMG's Table 2 in the demo world: identity and presence of two concepts per image, for OMG and its baselines,
-split by occlusion. Measured, not tuned: the demo model is weakly trained (weights/demo/train_log.json).
+"""OMG's claim, measured in the demo world: identity and presence of two concepts per image for OMG and its
+baselines, split by occlusion, with bootstrap intervals and the chance levels beside them.
 
-Methods (per seed: the same seed, so the same initial noise, and the same background word; 256x256, DDIM with
---steps, guidance 7.5, the pipeline's negative prompt everywhere, LoRA strength 0.8):
-  omg           omg.generate with both concepts ("a ball and a box on a green background"; concept prompts
-                "a sks ball", "a zwx box"), default replay store, blending over the last 70 % of the steps
-  no_replay     the same with replay=False: stage 2's base pass runs plain attention instead of replaying
-                stage 1's cross-attention (blending without the layout stage)
-  simultaneous  both LoRAs merged at once into the base (UNet and text encoder), one joint prompt
-                "a sks ball and a zwx box on a green background", plain sampling (omg.sample)
-  alone         each concept's LoRA alone with its own prompt ("a sks ball on a green background"); scored for
-                that concept only
-Reference rows (no method): base = OMG's stage-1 image (the base model, no LoRA: identities hit by chance);
-gt / gt_plain = ground-truth scenes with the two concepts / two plain class members, through the VAE round
-trip (the metric's ceiling and its false-positive level).
+    python -m bench.quality [--seeds 200] [--steps 50] [--pairs sks_ball+bnha_box sks_ball+ohwx_ball ...]
 
-Scores (bench/identity.py, a CNN trained only on ground-truth scenes): per image and concept, the region is
-the best of one fixed set of candidate windows over the whole image (squares of 3/16 to 7/8 of the side,
-stride a quarter window), the same for every method: identity = max over windows of
-P(concept); presence = max over windows of P(concept) + P(its plain class) >= 0.5 (an object of the class,
-any identity); identity hit = identity >= 0.5. No method's own masks are used, so no method is favoured.
+Per seed (the same seed list for every method; the background word cycles with the seed), DDIM with the
+demo's settings (demo.world: zero unconditional embeddings, guidance 5, LoRA strength 1, blending over the
+last 70 % of the steps):
+  omg           omg.generate: stage 1 the global prompt naming each concept's class and colour ("a red ball and
+                a blue box on a green background"), masks from its class-token attention, stage 2 each concept's
+                LoRA with its own prompt ("a sks ball on a green background") inside its mask
+  no_replay     the same with replay=False: stage 2's base pass runs plain attention (no layout preservation)
+  simultaneous  both LoRAs merged at once, one joint prompt ("a sks ball and a bnha box on ..."), omg.sample
+  regional      both LoRAs merged at once, Mix-of-Show-style regional sampling (omg.regional): in every
+                cross-attention layer the queries inside a concept's region attend to its prompt, the rest to
+                the global prompt; the regions are OMG's own stage-1 masks of the same seed
+  alone         each concept's LoRA alone with its own prompt; scored for that concept only (the ceiling)
+References: base = OMG's stage-1 image (the base model, no LoRA: the chance level); gt / gt_plain = ground-truth
+scenes with the two concepts / two plain class members of the same colours, through the VAE round trip (the
+metric's ceiling and its false-positive level).
 
-Occlusion (per seed, from OMG's stage-1 layout, which no_replay and base share): the seed is "occluded" when
-the two concepts' stage-1 masks (result.masks, latent pixels; disjoint by construction) overlap once each is
-dilated by one latent pixel (8 image pixels, a 3x3 max-pool), i.e. when at most one empty latent pixel lies
-between them; "separate" otherwise (also when a concept was not found). Attention masks are broad, so most
-seeds touch: each record also keeps both masks (packed bits) and their contact, |grow(A) & grow(B)| / min(|A|,
-|B|); --contact T counts a seed as occluded only above T (default 0: touching is enough).
-simultaneous and alone draw their own layouts from the same noise; their rows follow the seed's split.
-gt rows use the ground truth (occlusion on odd seeds).
+Scores (bench/identity.py, a CNN trained only on ground-truth scenes; the same fixed windows for every method):
+identity = max over windows of P(concept); hit = identity >= 0.5; present = max over windows of P(concept) +
+P(its plain class) >= 0.5. Occlusion (from OMG's stage-1 masks, which no_replay, regional and base share): the
+seed is "occluded" when the two masks touch once each is grown by one latent pixel, else "separate".
+Layout preservation: PSNR of OMG's image against its stage-1 image outside the (grown) masks, and how far each
+concept's best presence window moved between them.
 
-Run:  python -m bench.quality [--seeds 100] [--steps 20] [--pairs sks_ball+zwx_box ...] [--markdown]
-Appends each seed's record to bench/results/quality_cpu.jsonl (a rerun resumes: seeds already there with the
-same settings are skipped) and rewrites bench/results/quality_cpu.json (summary + records) after every seed.
+Writes bench/results/quality_<gpu>.json: settings, per-pair tables with 95 % bootstrap intervals (resampling
+seeds), a top-level `claim` object (ratios with intervals), and every seed's record.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a file: bench/ on sys.path would shadow the omg package with bench/omg.py
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+import omg
+from bench.common import write_json
+from bench.identity import score_concepts, to_tensor, vae_round_trip
+from bench.world import load_world
+from demo.scenes import BACKGROUNDS, CONCEPTS, article, render_scene
+from demo.world import BLEND_FRACTION, LORA_SCALE, SAMPLING, concept_prompt, global_prompt
+from omg.lora import load_lora, merged_lora, text_encoder_lora
+from omg.regional import regional_sample
+from omg.txt2img import sample
 
-from bench.common import gpu_slug, write_json  # noqa: E402
-from bench.identity import (ClassifierConfig, IdentityNet, load_or_train, score_concepts, to_tensor,  # noqa: E402
-                            vae_round_trip)
-from demo.scenes import BACKGROUNDS, CONCEPTS, article, render_scene  # noqa: E402
-from omg.lora import load_lora, merged_lora, text_encoder_lora  # noqa: E402
-from omg.pipeline import DEFAULT_NEGATIVE, Concept, generate  # noqa: E402
-from omg.txt2img import sample  # noqa: E402
-
-METHODS = ("omg", "no_replay", "simultaneous", "alone")
+METHODS = ("omg", "no_replay", "simultaneous", "regional", "alone")
 REFERENCES = ("base", "gt", "gt_plain")
 SPLITS = ("all", "occluded", "separate")
-DEFAULT_PAIRS = ("sks_ball+zwx_box",)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PAIRS = ("sks_ball+bnha_box", "sks_ball+ohwx_ball", "ohwx_ball+bnha_box")
 
 
 def parse_pair(text: str) -> tuple[str, str]:
     parts = text.split("+")
     if len(parts) != 2 or not all(p in CONCEPTS for p in parts) or parts[0] == parts[1]:
         raise ValueError(f"a pair is two different concepts joined by '+' ({', '.join(CONCEPTS)}), got {text!r}")
-    if CONCEPTS[parts[0]].class_name == CONCEPTS[parts[1]].class_name:
-        raise ValueError(f"{text}: the two concepts must be of different classes")
     return parts[0], parts[1]
 
 
@@ -82,369 +70,314 @@ def background_for(seed: int) -> str:
 
 
 def prompts(pair: Sequence[str], background: str) -> dict:
-    """The global, per-concept, joint and alone prompts of a pair ('a ball and a box on a green background')."""
-    tail = f"on {article(background)} {background} background"
-    classes = [CONCEPTS[c].class_name for c in pair]
-    phrases = [f"a {CONCEPTS[c].phrase}" for c in pair]
-    return {"global": f"{article(classes[0])} {classes[0]} and {article(classes[1])} {classes[1]} {tail}",
-            "concepts": phrases,
-            "joint": f"{phrases[0]} and {phrases[1]} {tail}",
-            "alone": [f"{p} {tail}" for p in phrases]}
+    """The global, per-concept and joint prompts of a pair."""
+    phrases = [f"{article(CONCEPTS[c].phrase)} {CONCEPTS[c].phrase}" for c in pair]
+    return {"global": global_prompt(pair, background), "concepts": [concept_prompt(c, background) for c in pair],
+            "joint": f"{phrases[0]} and {phrases[1]} on {article(background)} {background} background"}
+
+
+def grown(mask: torch.Tensor, px: int = 1) -> torch.Tensor:
+    return F.max_pool2d(mask.float()[None, None], 2 * px + 1, stride=1, padding=px)[0, 0] > 0
 
 
 def masks_touch(masks: torch.Tensor, grow: int = 1) -> bool:
-    """Whether two latent masks [2, h, w] overlap once each is dilated by `grow` pixels (square structuring
-    element), i.e. whether at most 2 * grow - 1 empty pixels lie between them."""
+    """Whether two latent masks [2, h, w] overlap once each is grown by `grow` pixels."""
     a, b = masks[0] > 0.5, masks[1] > 0.5
-    if not a.any() or not b.any():
-        return False
-    k = 4 * grow + 1  # growing both by `grow` = growing one by 2 * grow
-    grown = F.max_pool2d(a[None, None].float(), k, stride=1, padding=2 * grow)[0, 0] > 0
-    return bool((grown & b).any())
+    return bool(a.any() and b.any() and (grown(a, grow) & grown(b, grow)).any())
 
 
-def mask_contact(masks: torch.Tensor, grow: int = 1) -> float:
-    """|grow(A) & grow(B)| / min(|A|, |B|) of two latent masks [2, h, w]: how much of the smaller one meets the
-    other; 0 when either is empty (above 1 for a mask thinner than the growth)."""
-    a, b = masks[0] > 0.5, masks[1] > 0.5
-    if not a.any() or not b.any():
-        return 0.0
-    k = 2 * grow + 1
-    ga, gb = (F.max_pool2d(m[None, None].float(), k, stride=1, padding=grow)[0, 0] > 0 for m in (a, b))
-    return float((ga & gb).sum()) / float(min(a.sum(), b.sum()))
+def outside_psnr(image: Image.Image, reference: Image.Image, masks: torch.Tensor) -> Optional[float]:
+    """PSNR (dB) of image against reference over the pixels outside every (grown) mask; None if there are none."""
+    union = grown((masks > 0.5).any(0), 1)
+    keep = ~F.interpolate(union.float()[None, None], scale_factor=8, mode="nearest")[0, 0].bool()
+    if not keep.any():
+        return None
+    a, b = to_tensor(image), to_tensor(reference)
+    mse = ((a - b) / 2).square()[:, keep].mean().clamp_min(1e-10)
+    return float(-10 * torch.log10(mse))
 
 
-def pack_mask(mask: torch.Tensor) -> str:
-    """A latent mask as hex of its packed bits (row-major); unpack with np.unpackbits(bytes.fromhex(s))."""
-    return np.packbits((mask > 0.5).cpu().numpy().reshape(-1)).tobytes().hex()
+def _centre(box: Sequence[int]) -> np.ndarray:
+    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
 
 
-class QualityBench:
-    """Generates and scores one seed of one pair with every method; see the module docstring."""
+# --------------------------------------------------------------------------------------------- rendering
 
-    def __init__(self, model, loras: dict, net: IdentityNet, steps: int = 20, blend_steps: Optional[int] = None,
-                 guidance: float = 7.5, lora_scale: float = 0.8, size: int = 256,
-                 methods: Sequence[str] = METHODS + REFERENCES):
-        self.model, self.loras, self.net = model, loras, net
-        self.steps = steps
-        self.blend_steps = round(0.7 * steps) if blend_steps is None else blend_steps
-        self.guidance, self.lora_scale, self.size = guidance, lora_scale, size
-        unknown = set(methods) - set(METHODS + REFERENCES)
-        if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS + REFERENCES}")
-        self.methods = list(methods)
+class Renderer:
+    """Every method's images for a pair and a list of seeds, rendered as batches where the API allows."""
+
+    def __init__(self, model, loras: dict, steps: int, size: int, batch: int = 64):
+        self.model, self.loras, self.steps, self.size, self.batch = model, loras, steps, size, batch
+        self.blend_steps = round(BLEND_FRACTION * steps)
 
     @property
     def settings(self) -> dict:
-        return {"steps": self.steps, "blend_steps": self.blend_steps, "guidance": self.guidance,
-                "lora_scale": self.lora_scale, "size": self.size, "sampler": "ddim",
-                "negative_prompt": DEFAULT_NEGATIVE}
+        return {"steps": self.steps, "blend_steps": self.blend_steps, "lora_scale": LORA_SCALE, "size": self.size,
+                "sampler": "ddim", **{k: v for k, v in SAMPLING.items()}}
 
-    def _sample(self, prompt: str, concepts: Sequence[str], seed: int) -> Image.Image:
-        """Plain sampling with the concepts' LoRAs merged into the UNet and text encoder, restored after."""
-        specs = [(self.loras[c], self.lora_scale) for c in concepts]
+    def _concepts(self, pair: Sequence[str], p: dict) -> list:
+        return [omg.Concept(CONCEPTS[c].class_name, prompt, lora=self.loras[c], lora_scale=LORA_SCALE)
+                for c, prompt in zip(pair, p["concepts"])]
+
+    def omg(self, pair: Sequence[str], p: dict, seeds: Sequence[int], replay: bool) -> list:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a concept not found is recorded in the result, not printed
+            return [omg.generate(self.model, p["global"], self._concepts(pair, p), steps=self.steps,
+                                 blend_steps=self.blend_steps, seed=s, height=self.size, width=self.size,
+                                 progress=False, replay=replay, **SAMPLING) for s in seeds]
+
+    def merged(self, prompt: str, concepts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        """Plain sampling with the concepts' LoRAs merged (UNet and text encoder), restored after."""
+        specs = [(self.loras[c], LORA_SCALE) for c in concepts]
         with merged_lora(self.model.unet, specs), text_encoder_lora(self.model.text, specs):
-            return sample(self.model, prompt, DEFAULT_NEGATIVE, steps=self.steps, guidance=self.guidance,
-                          seed=seed, height=self.size, width=self.size, progress=False)[0]
+            return [sample(self.model, prompt, steps=self.steps, seed=s, height=self.size, width=self.size,
+                           progress=False, **SAMPLING)[0] for s in seeds]
 
-    def _omg(self, pair: Sequence[str], p: dict, seed: int, replay: bool):
-        concepts = [Concept(CONCEPTS[c].class_name, phrase, lora=self.loras[c], lora_scale=self.lora_scale)
-                    for c, phrase in zip(pair, p["concepts"])]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = generate(self.model, p["global"], concepts, steps=self.steps, blend_steps=self.blend_steps,
-                              guidance=self.guidance, seed=seed, height=self.size, width=self.size,
-                              progress=False, replay=replay)
-        return result, [str(w.message) for w in caught]
+    def regional(self, pair: Sequence[str], p: dict, seeds: Sequence[int], masks: torch.Tensor) -> list[Image.Image]:
+        """masks [n, 2, h, w]: each seed's OMG stage-1 masks."""
+        out = []
+        for i in range(0, len(seeds), self.batch):
+            out += regional_sample(self.model, p["global"], self._concepts(pair, p), masks[i:i + self.batch],
+                                   steps=self.steps, seeds=list(seeds[i:i + self.batch]), height=self.size,
+                                   width=self.size, progress=False, **SAMPLING)
+        return out
 
-    def _gt(self, pair: Sequence[str], seed: int, plain: bool) -> Image.Image:
-        objects = [(CONCEPTS[c].class_name, None if plain else c) for c in pair]
-        scene = render_scene(seed, self.size, objects=objects, occlusion=seed % 2 == 1)
-        x = to_tensor(scene.image)[None].to(self.model.device)
-        return vae_round_trip(self.model.vae, x)[0].cpu()
+    def ground_truth(self, pair: Sequence[str], seeds: Sequence[int], plain: bool) -> list[torch.Tensor]:
+        images = []
+        for s in seeds:
+            objects = [(CONCEPTS[c].class_name, None, CONCEPTS[c].colour) if plain else (CONCEPTS[c].class_name, c)
+                       for c in pair]
+            scene = render_scene(s, self.size, objects=objects, occlusion=s % 2 == 1, background=background_for(s))
+            images.append(to_tensor(scene.image))
+        x = torch.stack(images).to(self.model.device)
+        return list(vae_round_trip(self.model.vae, x).cpu())
 
-    def run_seed(self, pair: Sequence[str], seed: int, images: Optional[dict] = None) -> dict:
-        """Every method's image of one seed, scored; images (if a dict) receives them by method name."""
-        background = background_for(seed)
+
+def run_pair(renderer: Renderer, net, pair: Sequence[str], seeds: Sequence[int], methods: Sequence[str],
+             strip: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Records of every seed of one pair (grouped by background, since each background has its prompts)."""
+    records: dict[int, dict] = {}
+    for background in BACKGROUNDS:
+        group = [s for s in seeds if background_for(s) == background]
+        if not group:
+            continue
         p = prompts(pair, background)
-        record = {"pair": "+".join(pair), "seed": seed, "background": background, "settings": self.settings,
-                  "prompts": p, "gt_occluded": seed % 2 == 1, "methods": {}}
-        images = {} if images is None else images
-
-        def add(method: str, image, seconds: float, concepts: Sequence[str] = pair) -> None:
-            scores = score_concepts(self.net, image, concepts)
-            record["methods"].setdefault(method, {"seconds": 0.0, "scores": {}})
-            entry = record["methods"][method]
-            entry["seconds"] = round(entry["seconds"] + seconds, 3)
-            entry["scores"].update(scores)
-            images[method if len(concepts) > 1 else f"{method}_{concepts[0]}"] = image
-
+        images: dict[str, list] = {}
         t0 = time.perf_counter()
-        result, caught = self._omg(pair, p, seed, replay=True)
-        t1 = time.perf_counter()
-        record["occluded"] = masks_touch(result.masks)
-        record["contact"] = round(mask_contact(result.masks), 4)
-        record["masks"] = {"shape": list(result.masks.shape[1:]), "bits": [pack_mask(m) for m in result.masks]}
-        record["masks_found"] = list(result.concept_masks.found)
-        record["mask_area"] = [round(float((m > 0.5).float().mean()), 4) for m in result.masks]
-        record["warnings"] = caught
-        if "omg" in self.methods:
-            add("omg", result.image, t1 - t0)
-        if "base" in self.methods:
-            add("base", result.stage1_image, result.timings["stage1"] + result.timings["decode_stage1"])
-        if "no_replay" in self.methods:
+        results = renderer.omg(pair, p, group, replay=True)
+        seconds = {"omg": time.perf_counter() - t0}
+        images["omg"] = [r.image for r in results]
+        images["base"] = [r.stage1_image for r in results]
+        masks = torch.stack([r.masks for r in results])
+        if "no_replay" in methods:
             t0 = time.perf_counter()
-            ablation, _ = self._omg(pair, p, seed, replay=False)
-            # the same stage 1, hence the same layout and masks: the split applies to it exactly
-            assert torch.equal(ablation.masks, result.masks), "stage 1 differs between replay on and off"
-            add("no_replay", ablation.image, time.perf_counter() - t0)
-        if "simultaneous" in self.methods:
+            ablation = renderer.omg(pair, p, group, replay=False)
+            seconds["no_replay"] = time.perf_counter() - t0
+            images["no_replay"] = [r.image for r in ablation]
+        if "simultaneous" in methods:
             t0 = time.perf_counter()
-            image = self._sample(p["joint"], pair, seed)
-            add("simultaneous", image, time.perf_counter() - t0)
-        if "alone" in self.methods:
-            for c, prompt in zip(pair, p["alone"]):
-                t0 = time.perf_counter()
-                image = self._sample(prompt, [c], seed)
-                add("alone", image, time.perf_counter() - t0, [c])
-        for method, plain in (("gt", False), ("gt_plain", True)):
-            if method in self.methods:
-                t0 = time.perf_counter()
-                image = self._gt(pair, seed, plain)
-                add(method, image, time.perf_counter() - t0)
-        return record
+            images["simultaneous"] = renderer.merged(p["joint"], pair, group)
+            seconds["simultaneous"] = time.perf_counter() - t0
+        if "regional" in methods:
+            t0 = time.perf_counter()
+            images["regional"] = renderer.regional(pair, p, group, masks)
+            seconds["regional"] = time.perf_counter() - t0
+        if "alone" in methods:
+            t0 = time.perf_counter()
+            for c, prompt in zip(pair, p["concepts"]):
+                images[f"alone:{c}"] = renderer.merged(prompt, [c], group)
+            seconds["alone"] = time.perf_counter() - t0
+        if "gt" in methods:
+            images["gt"] = renderer.ground_truth(pair, group, plain=False)
+        if "gt_plain" in methods:
+            images["gt_plain"] = renderer.ground_truth(pair, group, plain=True)
+        for j, seed in enumerate(group):
+            result = results[j]
+            record = {"pair": "+".join(pair), "seed": seed, "background": background, "prompts": p,
+                      "occluded": masks_touch(result.masks), "masks_found": list(result.concept_masks.found),
+                      "mask_area": [round(float((m > 0.5).float().mean()), 4) for m in result.masks],
+                      "seconds_per_image": {m: round(s / len(group), 4) for m, s in seconds.items()}, "methods": {}}
+            for name, imgs in images.items():
+                method, _, only = name.partition(":")
+                concepts = [only] if only else list(pair)
+                record["methods"].setdefault(method, {}).update(score_concepts(net, imgs[j], concepts))
+            shifts = [float(np.linalg.norm(_centre(record["methods"]["omg"][c]["presence_box"])
+                                           - _centre(record["methods"]["base"][c]["presence_box"]))) for c in pair]
+            record["layout"] = {"outside_psnr": outside_psnr(result.image, result.stage1_image, result.masks),
+                                "position_shift_px": shifts}
+            records[seed] = record
+            if strip is not None and j == 0:
+                strip({name: imgs[j] for name, imgs in images.items()} | {"_pair": pair, "_seed": seed})
+    return [records[s] for s in seeds]
 
 
 # --------------------------------------------------------------------------------------------- aggregation
 
-def split_of(record: dict, method: str, contact: float = 0.0) -> str:
-    """'occluded' or 'separate': the ground truth for gt rows, else OMG's stage-1 masks (touching, with a
-    contact above `contact`)."""
-    if method in ("gt", "gt_plain"):
-        occluded = record["gt_occluded"]
-    else:
-        occluded = record["occluded"] and record.get("contact", 1.0) > contact
-    return "occluded" if occluded else "separate"
+def _bootstrap(values: np.ndarray, fn: Callable[[np.ndarray], float], n: int = 1000, seed: int = 0) -> list[float]:
+    """95 % percentile interval of fn over resamples of the rows of values."""
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    stats = [fn(values[rng.integers(len(values), size=len(values))]) for _ in range(n)]
+    return [round(float(np.percentile(stats, 2.5)), 4), round(float(np.percentile(stats, 97.5)), 4)]
 
 
-def aggregate(records: Sequence[dict], contact: float = 0.0) -> dict:
-    """{pair: {method: {split: stats}}}; stats: n (images), and per concept the mean identity, identity hit
-    rate (identity >= 0.5) and presence rate, with both_identity / both_present rates where a method
-    scores both concepts of the pair in one image (not alone: its concepts come from two images)."""
-    out: dict = {}
-    for pair in sorted({r["pair"] for r in records}):
-        concepts = pair.split("+")
-        rows = [r for r in records if r["pair"] == pair]
-        methods = [m for m in METHODS + REFERENCES if any(m in r["methods"] for r in rows)]
-        out[pair] = {}
-        for method in methods:
-            out[pair][method] = {}
-            for split in SPLITS:
-                chosen = [r["methods"][method]["scores"] for r in rows if method in r["methods"]
-                          and split in ("all", split_of(r, method, contact))]
-                stats: dict = {"n": len(chosen)}
-                for c in concepts:
-                    vals = [s[c] for s in chosen if c in s]
-                    stats[c] = {"n": len(vals),
-                                "identity": _mean([v["identity"] for v in vals]),
-                                "identity_hit": _mean([v["identity"] >= 0.5 for v in vals]),
-                                "presence": _mean([v["presence"] for v in vals])}
-                both = [s for s in chosen if all(c in s for c in concepts)] if method != "alone" else []
-                if both:
-                    stats["both_identity"] = _mean([all(s[c]["identity"] >= 0.5 for c in concepts) for s in both])
-                    stats["both_present"] = _mean([all(s[c]["presence"] for c in concepts) for s in both])
-                out[pair][method][split] = stats
+def split_records(records: Sequence[dict], split: str) -> list[dict]:
+    if split == "all":
+        return list(records)
+    return [r for r in records if r["occluded"] == (split == "occluded")]
+
+
+def method_rows(records: Sequence[dict], method: str, pair: Sequence[str]) -> dict:
+    """Mean identity / hit / presence per concept and both-hit / both-present, each with its interval."""
+    rows = [r for r in records if method in r["methods"]]
+    out: dict = {"n": len(rows)}
+    if not rows:
+        return out
+    ident = np.array([[r["methods"][method][c]["identity"] for c in pair] for r in rows])
+    present = np.array([[r["methods"][method][c]["presence"] for c in pair] for r in rows], dtype=float)
+    for k, c in enumerate(pair):
+        out[f"identity:{c}"] = [round(float(ident[:, k].mean()), 4), _bootstrap(ident[:, k], np.mean)]
+        out[f"hit:{c}"] = [round(float((ident[:, k] >= 0.5).mean()), 4), _bootstrap(ident[:, k] >= 0.5, np.mean)]
+        out[f"present:{c}"] = [round(float(present[:, k].mean()), 4), _bootstrap(present[:, k], np.mean)]
+    if method != "alone":
+        both_hit = (ident >= 0.5).all(1).astype(float)
+        both_present = present.all(1).astype(float)
+        out["both_hit"] = [round(float(both_hit.mean()), 4), _bootstrap(both_hit, np.mean)]
+        out["both_present"] = [round(float(both_present.mean()), 4), _bootstrap(both_present, np.mean)]
     return out
 
 
-def _mean(values: Sequence) -> Optional[float]:
-    return round(float(np.mean([float(v) for v in values])), 4) if len(values) else None
+def summarize(records: Sequence[dict], methods: Sequence[str]) -> dict:
+    out = {}
+    for pair_name in sorted({r["pair"] for r in records}):
+        pair = pair_name.split("+")
+        rs = [r for r in records if r["pair"] == pair_name]
+        out[pair_name] = {m: {s: method_rows(split_records(rs, s), m, pair) for s in SPLITS}
+                          for m in methods if any(m in r["methods"] for r in rs)}
+        psnrs = [r["layout"]["outside_psnr"] for r in rs if r["layout"]["outside_psnr"] is not None]
+        shifts = [v for r in rs for v in r["layout"]["position_shift_px"]]
+        out[pair_name]["layout"] = {"outside_psnr_db": round(float(np.mean(psnrs)), 2) if psnrs else None,
+                                    "position_shift_px_median": round(float(np.median(shifts)), 1) if shifts else None,
+                                    "occluded_share": round(float(np.mean([r["occluded"] for r in rs])), 3)}
+    return out
 
 
-def _fmt(v: Optional[float]) -> str:
+def _identity_matrix(records: Sequence[dict], method: str) -> np.ndarray:
+    """(seeds, 2) identities of a method (alone: each concept's own image)."""
+    return np.array([[r["methods"][method][c]["identity"] for c in r["pair"].split("+")] for r in records])
+
+
+def claim(records: Sequence[dict]) -> dict:
+    """The paper's claim over all pairs, as ratios/differences of means with bootstrap intervals over seeds."""
+    rs = [r for r in records if all(m in r["methods"] for m in ("omg", "alone"))]
+    if not rs:
+        return {}
+    omg_, alone = _identity_matrix(rs, "omg"), _identity_matrix(rs, "alone")
+    both = np.concatenate([omg_, alone], axis=1)  # resampled together: paired by seed
+    ratio = lambda v: float(v[:, :2].mean() / max(v[:, 2:].mean(), 1e-9))  # noqa: E731
+    out = {"n_images": len(rs),
+           "omg_identity": round(float(omg_.mean()), 4), "alone_identity": round(float(alone.mean()), 4),
+           "omg_over_alone": [round(ratio(both), 4), _bootstrap(both, ratio)], "target_omg_over_alone": 0.9}
+    for other in ("simultaneous", "regional", "no_replay", "base"):
+        if all(other in r["methods"] for r in rs):
+            diff = omg_ - _identity_matrix(rs, other)
+            out[f"omg_minus_{other}"] = [round(float(diff.mean()), 4), _bootstrap(diff, np.mean)]
+    present = np.array([[r["methods"]["omg"][c]["presence"] for c in r["pair"].split("+")] for r in rs]).all(1)
+    out["omg_both_present"] = [round(float(present.mean()), 4), _bootstrap(present.astype(float), np.mean)]
+    out["target_both_present"] = 0.95
+    occ = np.array([r["occluded"] for r in rs])
+    if occ.any() and (~occ).any():
+        o, s = omg_[occ].mean(1), omg_[~occ].mean(1)
+        rng = np.random.default_rng(1)
+        stats = [o[rng.integers(len(o), size=len(o))].mean() / max(s[rng.integers(len(s), size=len(s))].mean(), 1e-9)
+                 for _ in range(1000)]
+        out["omg_occluded_over_separate"] = [round(float(o.mean() / max(s.mean(), 1e-9)), 4),
+                                             [round(float(np.percentile(stats, 2.5)), 4),
+                                              round(float(np.percentile(stats, 97.5)), 4)]]
+    beats = all(out.get(f"omg_minus_{m}", [0, [0, 0]])[1][0] > 0 for m in ("simultaneous", "regional"))
+    out["holds"] = bool(out["omg_over_alone"][0] >= 0.9 and beats and out["omg_both_present"][0] >= 0.95)
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, list):
+        return f"{v[0]:.2f} [{v[1][0]:.2f}, {v[1][1]:.2f}]"
     return "-" if v is None else f"{v:.2f}"
 
 
-def table_rows(summary: dict, pair: str) -> tuple[list[str], list[list[str]]]:
-    a, b = pair.split("+")
-    header = ["method", "split", "n", f"identity {a}", f"identity {b}", f"hit {a}", f"hit {b}",
-              f"present {a}", f"present {b}", "both hit", "both present"]
-    rows = []
-    for method, splits in summary[pair].items():
-        for split in SPLITS:
-            s = splits[split]
-            rows.append([method, split, str(s["n"]),
-                         *[_fmt(s[c]["identity"]) for c in (a, b)], *[_fmt(s[c]["identity_hit"]) for c in (a, b)],
-                         *[_fmt(s[c]["presence"]) for c in (a, b)],
-                         _fmt(s.get("both_identity")), _fmt(s.get("both_present"))])
-    return header, rows
-
-
-def format_table(summary: dict) -> str:
-    lines = []
-    for pair in summary:
-        header, rows = table_rows(summary, pair)
-        widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-        lines.append(f"== {pair}")
-        for row in [header] + rows:
-            lines.append("  ".join(x.ljust(w) for x, w in zip(row, widths)))
-    return "\n".join(lines)
-
-
 def markdown_table(summary: dict) -> str:
-    """The summary as markdown tables (one per pair), for the README."""
     out = []
-    for pair in summary:
-        header, rows = table_rows(summary, pair)
-        out.append(f"**{pair}**\n")
-        out.append("| " + " | ".join(header) + " |")
-        out.append("|" + "|".join("---" for _ in header) + "|")
-        out += ["| " + " | ".join(row) + " |" for row in rows]
+    for pair_name, table in summary.items():
+        pair = pair_name.split("+")
+        cols = [f"identity:{c}" for c in pair] + [f"present:{c}" for c in pair] + ["both_hit", "both_present"]
+        out.append(f"**{pair_name}** (identity = mean classifier probability of the concept, 95 % bootstrap "
+                   f"interval; layout: {table['layout']})\n")
+        out.append("| method | split | n | " + " | ".join(c.replace(":", " ") for c in cols) + " |")
+        out.append("|" + "---|" * (len(cols) + 3))
+        for method, splits in table.items():
+            if method == "layout":
+                continue
+            for split, row in splits.items():
+                if row.get("n"):
+                    out.append(f"| {method} | {split} | {row['n']} | " + " | ".join(_fmt(row.get(c)) for c in cols)
+                               + " |")
         out.append("")
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------------------------- files
-
-def read_records(path: str, settings: dict) -> list[dict]:
-    """Records of a jsonl file made with these settings (others are left in the file and ignored)."""
-    if not os.path.exists(path):
-        return []
-    records, other = [], 0
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a killed run
-                continue
-            if r.get("settings") == settings:
-                records.append(r)
-            else:
-                other += 1
-    if other:
-        print(f"{path}: ignoring {other} records made with other settings")
-    return records
-
-
-def append_record(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_strip(images: dict, path: str) -> None:
-    """The methods' images side by side, in a fixed order."""
-    order = ["base", "omg", "no_replay", "simultaneous"] + sorted(k for k in images if k.startswith("alone_")) \
-        + ["gt", "gt_plain"]
-    pics = []
-    for key in order:
-        im = images.get(key)
-        if im is None:
-            continue
-        if isinstance(im, torch.Tensor):
-            im = Image.fromarray(((im.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-        pics.append(im)
-    if pics:
-        strip = Image.new("RGB", (sum(p.width for p in pics), max(p.height for p in pics)))
-        x = 0
-        for p in pics:
-            strip.paste(p, (x, 0))
-            x += p.width
-        strip.save(path)
+    """One seed's images side by side, in method order."""
+    tiles = [(k, v) for k, v in images.items() if not k.startswith("_")]
+    pil = [v if isinstance(v, Image.Image) else Image.fromarray(
+        ((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for _, v in tiles]
+    w, h = pil[0].size
+    strip = Image.new("RGB", (w * len(pil), h))
+    for i, im in enumerate(pil):
+        strip.paste(im, (i * w, 0))
+    strip.save(path)
 
 
-def run(bench: QualityBench, pairs: Sequence[tuple[str, str]], seeds: Sequence[int], out_dir: str,
-        classifier_report: dict, image_dir: Optional[str] = None, n_images: int = 0, contact: float = 0.0,
-        log=print) -> dict:
-    """Every (pair, seed) not yet in the jsonl, appended as it finishes; returns the JSON payload written."""
-    os.makedirs(out_dir, exist_ok=True)
-    jsonl = os.path.join(out_dir, f"quality_{gpu_slug()}.jsonl")
-    settings = {**bench.settings, "classifier": classifier_report.get("cache_key")}
-    records = read_records(jsonl, settings)
-    done = {(r["pair"], r["seed"]) for r in records}
-    payload: dict = {}
-
-    def write() -> None:
-        payload.clear()
-        summary = aggregate(records, contact)
-        per_seed = [sum(m["seconds"] for m in r["methods"].values()) for r in records]
-        payload.update({"settings": settings, "pairs": ["+".join(p) for p in pairs], "methods": bench.methods,
-                        "classifier": classifier_report, "seconds_per_seed": _mean(per_seed),
-                        "occlusion_contact": contact,
-                        "summary": summary, "records": records,
-                        "notes": "demo world (weights/demo); see bench/quality.py's docstring for the metric"})
-        write_json("quality", payload, out_dir)
-
-    for pair in pairs:
-        for seed in seeds:
-            if ("+".join(pair), seed) in done:
-                continue
-            t0 = time.perf_counter()
-            images: dict = {}
-            record = bench.run_seed(pair, seed, images)
-            record["settings"] = settings
-            record["seconds"] = round(time.perf_counter() - t0, 2)
-            append_record(jsonl, record)
-            records.append(record)
-            if image_dir and seed < seeds[0] + n_images:
-                os.makedirs(image_dir, exist_ok=True)
-                save_strip(images, os.path.join(image_dir, f"{record['pair']}_{seed:04d}.png"))
-            ids = " ".join(f"{m}=" + "/".join(f"{v['identity']:.2f}" for v in e["scores"].values())
-                           for m, e in record["methods"].items())
-            log(f"{record['pair']} seed {seed}: {split_of(record, 'omg', contact)} (contact {record['contact']:.2f}); "
-                f"identity {ids} "
-                f"({record['seconds']:.1f} s)")
-            write()
-    write()
-    return payload
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=100, help="seeds 0..N-1 (from --first-seed)")
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--blend-steps", type=int, default=None, help="default: 70 %% of steps (35 of 50)")
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS),
-                        help="concept pairs, e.g. sks_ball+zwx_box zwx_box+qrv_tower sks_ball+qrv_tower")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS + REFERENCES))
-    parser.add_argument("--checkpoint", default=os.path.join(ROOT, "weights/demo/demo_sdxl.safetensors"))
-    parser.add_argument("--lora-dir", default=os.path.join(ROOT, "weights/demo"), help="<concept>.safetensors")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench/results"), help="results folder")
-    parser.add_argument("--images", default=None, help="save the first --n-images seeds' images here")
-    parser.add_argument("--n-images", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--contact", type=float, default=0.0,
-                        help="a seed is occluded when OMG's masks touch with a contact above this (see above)")
-    parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
-    args = parser.parse_args()
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a redirected log as they come
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pairs = [parse_pair(p) for p in args.pairs]
-    import omg
-
-    model = omg.load_sdxl(args.checkpoint, device=args.device, dtype=torch.float32)
-    size = 256
-    net, report = load_or_train(ClassifierConfig(size=size), model.vae, args.checkpoint, args.out)
-    test = report["test"]
-    print("classifier held-out accuracy: " + ", ".join(
-        f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in test.items() if isinstance(v, dict)))
-    loras = {c: load_lora(os.path.join(args.lora_dir, f"{c}.safetensors"), device=args.device)
-             for c in sorted({c for p in pairs for c in p})}
-    bench = QualityBench(model, loras, net, steps=args.steps, blend_steps=args.blend_steps, guidance=args.guidance,
-                         size=size, methods=args.methods)
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", default=os.path.join("weights", "demo"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seeds", type=int, default=200, help="seeds per pair")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS + REFERENCES))
+    p.add_argument("--name", default="quality")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--cache", default=os.path.join("bench", "results"), help="where the classifier is cached")
+    p.add_argument("--strips", default=None, help="folder for one image strip per pair")
+    args = p.parse_args(argv)
+    pairs = [parse_pair(x) for x in args.pairs]
+    unknown = set(args.methods) - set(METHODS + REFERENCES)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS + REFERENCES}")
+    model, net, report, size = load_world(args.weights, args.device, args.cache)
+    loras = {c: load_lora(os.path.join(args.weights, f"{c}.safetensors")) for pair in pairs for c in pair}
+    renderer = Renderer(model, loras, args.steps, size)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    payload = run(bench, pairs, seeds, args.out, report, args.images, args.n_images, args.contact)
-    print(format_table(payload["summary"]))
-    if args.markdown:
-        print(markdown_table(payload["summary"]))
-    print("wrote", os.path.join(args.out, f"quality_{gpu_slug()}.json"), f"({payload['seconds_per_seed']} s a seed)")
+    records: list[dict] = []
+    t0 = time.perf_counter()
+    for pair in pairs:
+        strip = None
+        if args.strips:
+            os.makedirs(args.strips, exist_ok=True)
+            strip = lambda imgs: save_strip(imgs, os.path.join(args.strips, f"quality_{'+'.join(imgs['_pair'])}.png"))  # noqa: E731,E501
+        records += run_pair(renderer, net, pair, seeds, args.methods, strip)
+        print(f"{'+'.join(pair)}: {len(seeds)} seeds ({time.perf_counter() - t0:.0f} s)", flush=True)
+    summary = summarize(records, list(METHODS + REFERENCES))
+    result = {"settings": renderer.settings, "seeds": [seeds[0], seeds[-1]], "pairs": ["+".join(x) for x in pairs],
+              "classifier_test": report.get("test"), "claim": claim(records), "summary": summary,
+              "seconds": round(time.perf_counter() - t0, 1), "records": records}
+    path = write_json(args.name, result, args.out)
+    print(markdown_table(summary))
+    print("claim:", result["claim"])
+    print(f"wrote {path}")
+    return result
 
 
 if __name__ == "__main__":

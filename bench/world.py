@@ -29,6 +29,7 @@ object (name -> {value, threshold, pass}) and the raw per-concept figures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from typing import Optional, Sequence
@@ -242,13 +243,28 @@ def generate_demo(model, prompt: str, concepts, *, steps: int, seed: int, size: 
 
 # ---------------------------------------------------------------------------------------------- main
 
-def measure(weights: str, device: str, n: int, steps: int, log=print) -> dict:
-    t0 = time.perf_counter()
+def demo_size(weights: str) -> int:
+    """The image side the demo weights were trained at (their train_log.json), 256 without a log."""
+    path = os.path.join(weights, "train_log.json")
+    if not os.path.exists(path):
+        return 256
+    with open(path) as f:
+        return int(json.load(f)["size"])
+
+
+def load_world(weights: str, device: str, cache: str, log=print) -> tuple:
+    """(model, identity classifier, its report, image size) of a demo-world weights folder."""
     model = omg.load_sdxl(os.path.join(weights, "demo_sdxl.safetensors"), device=device, dtype=torch.float32)
-    size = 256 if model.unet.config.model_channels >= 64 else 64
+    size = demo_size(weights)
     cfg = ClassifierConfig(size=size) if size == 256 else ClassifierConfig.tiny()
-    net, report = load_or_train(cfg, model.vae, os.path.join("bench", "results"), log)
-    net.to(device)
+    net, report = load_or_train(cfg, model.vae, cache, log)
+    return model, net.to(device), report, size
+
+
+def measure(weights: str, device: str, n: int, steps: int, cache: str = os.path.join("bench", "results"),
+            log=print) -> dict:
+    t0 = time.perf_counter()
+    model, net, report, size = load_world(weights, device, cache, log)
     figures: dict = {"classifier_test": report.get("test"), "size": size, "steps": steps, "n": n}
     plain = torch.stack([to_tensor(s.image) for s in base_scenes(n, size, seed=777)])
     concepts = torch.stack([to_tensor(s.image) for c in sorted(CONCEPTS) for s in concept_images(c, max(2, n // 3),
@@ -299,8 +315,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--name", default="world")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--cache", default=os.path.join("bench", "results"), help="where the classifier is cached")
     args = p.parse_args(argv)
-    result = measure(args.weights, args.device, args.n, args.steps)
+    result = measure(args.weights, args.device, args.n, args.steps, args.cache)
     path = write_json(args.name, result, args.out)
     print(markdown(result))
     print(f"wrote {path}")
