@@ -44,22 +44,17 @@ import time
 import warnings
 from typing import Optional, Sequence
 
-if __package__ in (None, ""):  # run as a file: bench/ on sys.path would shadow the omg package with bench/omg.py
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from bench.common import gpu_slug, write_json  # noqa: E402
-from bench.identity import (ClassifierConfig, IdentityNet, load_or_train, score_concepts, to_tensor,  # noqa: E402
-                            vae_round_trip)
-from demo.scenes import BACKGROUNDS, CONCEPTS, article, render_scene  # noqa: E402
-from omg.lora import load_lora, merged_lora, text_encoder_lora  # noqa: E402
-from omg.pipeline import DEFAULT_NEGATIVE, Concept, generate  # noqa: E402
-from omg.txt2img import sample  # noqa: E402
+from bench.common import gpu_slug, write_json
+from bench.identity import ClassifierConfig, IdentityNet, load_or_train, score_concepts, to_tensor, vae_round_trip
+from demo.scenes import BACKGROUNDS, CONCEPTS, article, render_scene
+from omg.lora import load_lora, merged_lora, text_encoder_lora
+from omg.pipeline import DEFAULT_NEGATIVE, Concept, generate
+from omg.txt2img import sample
 
 METHODS = ("omg", "no_replay", "simultaneous", "alone")
 REFERENCES = ("base", "gt", "gt_plain")

@@ -8,33 +8,27 @@ same weights (--unet).
 
 Random weights make the attention masks meaningless, so each concept gets a user box (a strip of the image):
 the work per step is what real masks would cost.
-Run on the GPU machine:  python -m bench.omg [--concepts 1 2 5] [--merged-k 2] [--reference] [--unet]
-Writes bench/results/omg_<gpu>.json.
+Run on the GPU machine:  python -m bench.generate [--concepts 1 2 5] [--merged-k 2] [--reference] [--unet]
+Writes bench/results/<name>_<gpu>.json (--name, default omg: the results of this bench are the omg_* files).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import os
-import sys
+from typing import Optional
 
-if __package__ in (None, ""):  # run as a file: bench/ on sys.path would shadow the omg package with this file
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+import torch
 
-from typing import Optional  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.common import DTYPES, device_name, time_ms, write_json  # noqa: E402
-from bench.lora import kohya_lora, random_unet  # noqa: E402
-from omg.graphs import GraphedCall  # noqa: E402
-from omg.lora import bind, load_lora  # noqa: E402
-from omg.model import SDXL  # noqa: E402
-from omg.pipeline import Concept, generate  # noqa: E402
-from omg.text import SDXLTextEncoder  # noqa: E402
-from omg.unet import UNetConfig  # noqa: E402
-from omg.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from bench.common import DTYPES, device_name, time_ms, write_json
+from bench.lora import kohya_lora, random_unet
+from omg.graphs import GraphedCall
+from omg.lora import bind, load_lora
+from omg.model import SDXL
+from omg.pipeline import Concept, generate
+from omg.text import SDXLTextEncoder
+from omg.unet import UNetConfig
+from omg.vae import AutoencoderKL, VAEConfig
 
 TFLOP_PER_EVAL = 6.76  # one UNet forward at batch 1, 1024x1024 (torch FLOP counter)
 H100_BF16_DENSE = 989.0
