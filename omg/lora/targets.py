@@ -15,6 +15,8 @@ from typing import Optional
 
 from torch import nn
 
+from omg.errors import LoraError
+
 TEXT_FAMILIES = {"te1": ("lora_te1_", "lora_te_", "text_encoder."), "te2": ("lora_te2_", "text_encoder_2.")}
 
 
@@ -66,7 +68,7 @@ def target_table(root: nn.Module) -> TargetTable:
             fams = {f for f, attr in (("te1", "clip_l"), ("te2", "clip_g")) if hasattr(root, attr)}
             _CACHE[root] = TargetTable(text_targets(root), frozenset(fams))
         else:
-            raise TypeError(f"LoRA targets are known for omg.unet.UNet and the SDXL text encoder, "
+            raise LoraError(f"LoRA targets are known for omg.unet.UNet and the SDXL text encoder, "
                             f"not {type(root).__name__}")
     return _CACHE[root]
 
