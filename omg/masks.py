@@ -306,7 +306,7 @@ class ConceptMasks:
     heatmaps: Tensor    # [k, H/8, W/8] normalised attention heat maps after the same-class split (zeros: none)
     names: list[str]
     found: list[bool]
-    sources: list[str]  # "attention" | "sam" | "user" per concept
+    sources: list[str]  # per concept: "attention", "split" (maps too alike: a split of the image), "sam" or "user"
 
     @property
     def skipped(self) -> list[str]:
@@ -323,7 +323,8 @@ def make_masks(names: Sequence[str], image_size: tuple[int, int], heatmaps: Opti
 
     heatmaps [k, h, w]: per-concept heat maps at any resolution with the image's aspect (token_heatmaps).
     A concept whose mask is empty or under min_area x the latent pixels (not found, or hidden entirely
-    behind concepts in front) gets a zero mask and a warning, or a MaskError when strict.
+    behind concepts in front) gets a zero mask and a warning, or a MaskError when strict. Concepts of different
+    classes whose maps are too alike get a split of the image (source "split") and a warning.
     """
     H, W = image_size
     if H % LATENT_SCALE or W % LATENT_SCALE or H <= 0 or W <= 0:
@@ -339,19 +340,23 @@ def make_masks(names: Sequence[str], image_size: tuple[int, int], heatmaps: Opti
         if heatmaps.ndim != 3 or heatmaps.shape[0] != k or heatmaps.shape[1] * w != heatmaps.shape[2] * h:
             raise MaskError(f"heatmaps of shape {tuple(heatmaps.shape)}; expected [{k}, h, w] with h:w = {h}:{w}")
         heat = normalize(F.interpolate(heatmaps.float()[None], (h, w), mode="bilinear", align_corners=False)[0])
-        heat = split_same_class(heat, same_region_groups(heat, classes, same_map_similarity), peak_distance)
+        groups = same_region_groups(heat, classes, same_map_similarity)
+        heat = split_same_class(heat, groups, peak_distance)
+        fallback = _warn_split_fallback(groups, names, classes, same_map_similarity)
     elif any(u is None for u in users):
         raise MaskError("concepts without a user mask need attention heat maps: "
                         + ", ".join(repr(n) for n, u in zip(names, users) if u is None))
+    else:
+        fallback = set()
     scores, masks = masks_from_attention(heat, threshold, component_ratio)
-    sources = ["attention"] * k
+    sources = ["split" if i in fallback else "attention" for i in range(k)]
     for i, u in enumerate(users):
         if u is not None:
             masks[i], scores[i], sources[i] = u.to(device), u.to(device).float() * USER_SCORE, "user"
     if sam is not None:
         if image is None:
             raise MaskError("SAM refinement needs the stage-1 image")
-        active = [s == "attention" and bool(m.any()) for s, m in zip(sources, masks)]
+        active = [s in ("attention", "split") and bool(m.any()) for s, m in zip(sources, masks)]
         sam_masks, sam_scores = sam.refine(image, masks, [_anchor(m, s) for m, s in zip(masks, heat)], active)
         for i in (i for i in range(k) if active[i]):
             masks[i], scores[i], sources[i] = sam_masks[i], sam_scores[i], "sam"
@@ -371,6 +376,21 @@ def make_masks(names: Sequence[str], image_size: tuple[int, int], heatmaps: Opti
         warnings.warn(f"concept {m} not found in the stage-1 image; it is skipped", stacklevel=2)
     hard &= torch.tensor(found, device=hard.device)[:, None, None]
     return ConceptMasks(feather(hard, feather_px), scores, heat, list(names), found, sources)
+
+
+def _warn_split_fallback(groups: Sequence[Sequence[int]], names: Sequence[str], classes: Optional[Sequence[str]],
+                         similarity: float) -> set[int]:
+    """The concepts of other classes whose maps were too alike to tell apart, so that their masks come from a
+    split of the image (split_same_class) rather than from their own attention; warns about each group."""
+    fallback: set[int] = set()
+    for g in groups:
+        if classes is not None and len({classes[i] for i in g}) == 1:
+            continue  # two concepts of one class: splitting is how they are told apart
+        fallback.update(g)
+        warnings.warn(f"the attention maps of {', '.join(repr(names[i]) for i in g)} are too alike to tell apart "
+                      f"(correlation >= {similarity:g}); their masks split the image between them instead "
+                      f"(mask source 'split'); give user masks or boxes, or a SAM checkpoint", stacklevel=3)
+    return fallback
 
 
 def _anchor(mask: Tensor, heat: Tensor) -> Optional[tuple[int, int]]:
