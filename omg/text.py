@@ -3,7 +3,8 @@
 CLIP-L runs as transformers' CLIPTextModel and bigG as open_clip's TextTransformer, both built from a
 config here (nothing is downloaded). Their state-dict keys are the SGM single-file keys without the
 component prefixes in SGM_PREFIXES. Context = [penultimate CLIP-L ‖ penultimate bigG] with no final
-norm; pooled = ln_final(bigG)[EOT] @ text_projection (sdxl-formats.md §6).
+norm; pooled = ln_final(bigG)[EOT] @ text_projection (SGM's FrozenCLIPEmbedder and
+FrozenOpenCLIPEmbedder2 with layer="penultimate").
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ peak against 18.0 with merged concepts, 4 % slower; bench/results/omg_grouped_h1
 ConceptWeights + applied() is its lora_mode="merged" and this module's default. A concept pass then runs the
 plain UNet at full speed (no extra FLOPs, no hooks) and switching concepts costs a pointer swap per touched tensor (~1 ms in and out for
 369 tensors), whereas unmerged deltas add FLOPs and launches to every pass (+28% per forward on the CPU
-mid config below; PEFT-style adapters: 183 ms vs 85.6 ms per batch-2 SDXL pass, perf-anchors §7) and the
+mid config below; PEFT-style adapters, as the original code's schedule runs them in bench/reference.py) and the
 in-place mode re-merges on every switch (0.41 s merge + restore on the CPU mid config). Its price is
 memory, exactly the touched tensors: 4.1 GiB fp16 for a LoRA on all 722 kohya SDXL targets (1.8 GiB
 attention-only), 16 GiB for 4 such concepts on an 80 GB card. When that does not fit, use UnmergedLora

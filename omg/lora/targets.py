@@ -4,7 +4,7 @@ Every Linear/Conv2d of the UNet is entered under each spelling a LoRA file may u
 underscore name of its SGM path and of its diffusers path, PEFT "unet.<diffusers path>" with and
 without ".processor", LyCORIS "lycoris_…", raw paths). Text-encoder entries are built from the
 encoders' parameter names; bigG's fused attention gets one entry per q/k/v row slice of in_proj_weight.
-Names are never turned back from underscores into dots (sdxl-formats.md §5: that is ambiguous).
+Names are never turned back from underscores into dots (that is ambiguous: kohya spells both as "_").
 """
 from __future__ import annotations
 
