@@ -234,7 +234,7 @@ class KernelCapture:
 
 def check_unet_capture(device, dtype, tol):
     """kernels.capture inside the tiny UNet gives AttentionControl(store="maps")'s maps and heat maps."""
-    from omg.attention import AttentionControl
+    from omg.attention import AttentionControl, RowLayout
     from omg.unet import UNet, UNetConfig
     torch.manual_seed(0)
     unet = UNet(UNetConfig.tiny()).eval()
@@ -247,10 +247,10 @@ def check_unet_capture(device, dtype, tol):
     ctx = torch.randn(2, 9, unet.config.context_dim, generator=gen).to(device, dtype)
     y = torch.randn(2, unet.config.adm_in_channels, generator=gen).to(device, dtype)
     tokens = [1, 4]
-    control = AttentionControl(unet, "maps", steps=[0], store_dtype=torch.bfloat16, heatmap_tokens=tokens,
+    control = AttentionControl(unet, "maps", replay_calls=[0], store_dtype=torch.bfloat16, heatmap_tokens=tokens,
                                latent_hw=(16, 24))
     with control, torch.no_grad():
-        control.mode, control.step, control.cond_rows = "capture", 0, slice(1, 2)
+        control.set_call("capture", 0, RowLayout(images=1))
         ref = unet(x, 10.0, ctx, y)
     proc = KernelCapture(slice(1, 2), torch.tensor(tokens, dtype=torch.int32), "bf16")
     unet.set_attention_processor(proc, kind="cross")
