@@ -76,7 +76,8 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
                utilisation=round(result.unet_evaluations * TFLOP_PER_EVAL / seconds / H100_BF16_DENSE, 3))
     if keep is not None:
         keep[(k, store, self_replay, graphs, lora_mode)] = result.latent
-    print(f"k={k} {lora_mode} store={store:9s} self-replay {self_replay} graphs {row['cuda_graphs']:d}: {seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
+    print(f"k={k} {lora_mode} store={store:9s} self-replay {self_replay} graphs {row['cuda_graphs']:d}: "
+          f"{seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
           f"stage2 {t['stage2']:.2f}, decode {t['decode'] + t['decode_stage1']:.2f}, setup {t['setup']:.2f}); "
           f"{result.unet_evaluations} evals; peak {row['peak_gib']:.2f} GiB; store {row['store_gib']:.2f} GiB; "
           f"utilisation {row['utilisation']:.1%}", flush=True)
@@ -179,10 +180,10 @@ def main() -> None:
         if 2 in by_k:
             summary["k2_speedup_vs_reference"] = round(extra["reference"]["total_s"] / by_k[2]["seconds"], 3)
     print(summary)
+    note = ("random weights; user boxes as masks; PyTorch eager kernels, each repeated UNet call replayed as a CUDA "
+            "graph where cuda_graphs is true")
     path = write_json(args.name, {**extra, "steps": args.steps, "blend_steps": args.blend_steps, "dtype": args.dtype,
-                              "resolution": 1024, "lora_rank": 64, "rows": rows, "summary": summary,
-                              "note": "random weights; user boxes as masks; PyTorch eager kernels, each repeated UNet call "
-                                      "replayed as a CUDA graph where cuda_graphs is true"})
+                                  "resolution": 1024, "lora_rank": 64, "rows": rows, "summary": summary, "note": note})
     print("wrote", path, "on", device_name())
 
 

@@ -24,7 +24,8 @@ def _command(d: dict) -> str:
 
 def _load(name: str) -> list[dict]:
     """Every GPU result of a bench, newest first."""
-    found = [json.load(open(p)) for p in glob.glob(os.path.join(RESULTS, f"{name}_*.json")) if not p.endswith("_cpu.json")]
+    paths = glob.glob(os.path.join(RESULTS, f"{name}_*.json"))
+    found = [json.load(open(p)) for p in paths if not p.endswith("_cpu.json")]
     return sorted(found, key=lambda d: d["date"], reverse=True)
 
 
@@ -112,8 +113,8 @@ def omg_section(d: dict) -> str:
     for r in d["rows"]:
         t = r["timings"]
         lora = r.get("lora_mode", "merged") + ("" if r.get("triton", True) else ", torch ops only")
-        rows.append([r["k"], r["store"] + (f" + self-replay {r['self_replay_steps']}" if r["self_replay_steps"] else ""),
-                     lora, "yes" if r.get("cuda_graphs") else "no",
+        replay = f" + self-replay {r['self_replay_steps']}" if r["self_replay_steps"] else ""
+        rows.append([r["k"], r["store"] + replay, lora, "yes" if r.get("cuda_graphs") else "no",
                      f"{r['seconds']:.2f}", f"{t['stage1']:.2f}", f"{t['masks']:.2f}", f"{t['stage2']:.2f}",
                      f"{t['decode'] + t['decode_stage1']:.2f}", r["unet_evaluations"], f"{r['peak_gib']:.2f}",
                      f"{r['store_gib']:.2f}", f"{r['utilisation']:.0%}"])
@@ -144,8 +145,8 @@ def omg_section(d: dict) -> str:
     return (f"`{_command(d)}`: one OMG image, {d['steps']} DDIM steps, blending over the last "
             f"{d['blend_steps']}, rank-{d['lora_rank']} LoRAs on every kohya target, {d['dtype']}, 1024x1024 "
             f"(utilisation: evaluations x 6.76 TFLOP / time / 989 TFLOP/s). {summary}.\n\n"
-            + _table(["k", "store", "concept weights", "CUDA graphs", "total s", "stage 1", "masks", "stage 2", "decode",
-                      "UNet evals", "peak GiB", "store GiB", "utilisation"], rows))
+            + _table(["k", "store", "concept weights", "CUDA graphs", "total s", "stage 1", "masks", "stage 2",
+                      "decode", "UNet evals", "peak GiB", "store GiB", "utilisation"], rows))
 
 
 def kernels_section(d: dict) -> str:
@@ -171,9 +172,10 @@ def kernels_section(d: dict) -> str:
                       f"it; stage 1's capture step (heat maps, store \"recompute\") as a graph is "
                       f"{d['targets']['stage1_step_generate_capture_graph_vs_plain_graph']:.3f}x the graphed plain "
                       f"step.")
-        parts.append(f"`{d.get('command', 'python -m bench.kernels --sections unet --rounds 5')}`: the full SDXL UNet, batch "
-                     f"{u['batch']}, {u['dtype']}, 1024x1024, with attn2 routed through each variant (best of "
-                     f"interleaved rounds). Any per-layer Python processor costs ~10 % at batch 2 (launch-bound)."
+        command = d.get("command", "python -m bench.kernels --sections unet --rounds 5")
+        parts.append(f"`{command}`: the full SDXL UNet, batch {u['batch']}, {u['dtype']}, 1024x1024, with attn2 "
+                     f"routed through each variant (best of interleaved rounds). Any per-layer Python processor "
+                     f"costs ~10 % at batch 2 (launch-bound)."
                      f"{graphs}\n\n"
                      + _table(["variant", "ms", "vs plain"], rows))
     return "\n\n".join(parts)

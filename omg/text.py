@@ -67,9 +67,11 @@ class TextEncoderConfig:
         to the layout's SDXL value. Raises KeyError for a key every encoder of the layout has.
         """
         if "text_model.embeddings.token_embedding.weight" in sd:
-            tok, pos = sd["text_model.embeddings.token_embedding.weight"], sd["text_model.embeddings.position_embedding.weight"]
+            tok = sd["text_model.embeddings.token_embedding.weight"]
+            pos = sd["text_model.embeddings.position_embedding.weight"]
             layers = _count(sd, r"text_model\.encoder\.layers\.(\d+)\.")
-            mlp, projection_dim, default_act = sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0], None, "quick_gelu"
+            mlp = sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+            projection_dim, default_act = None, "quick_gelu"
         else:
             tok, pos = sd["token_embedding.weight"], sd["positional_embedding"]
             layers = _count(sd, r"transformer\.resblocks\.(\d+)\.")

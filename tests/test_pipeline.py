@@ -142,8 +142,8 @@ def test_bad_input_is_rejected_before_sampling(model, tmp_path, monkeypatch):
     man = omg.Concept("man", "a photo of sks man")
     with pytest.raises(ValueError, match="dog"):
         run(model, [omg.Concept("dog", "a photo of sks dog")])
-    sd15 = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
-            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(320, 4)}
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    sd15 = {key + ".lora_down.weight": torch.zeros(4, 768), key + ".lora_up.weight": torch.zeros(320, 4)}
     save_file(sd15, str(tmp_path / "sd15.safetensors"))
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     with pytest.raises(LoraError):
