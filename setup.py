@@ -31,6 +31,7 @@ setup(
             "setuptools<81",  # k-diffusion -> clip needs pkg_resources
             "segment-anything==1.0",
             "safetensors==0.8.0",
+            "ruff==0.17.6",  # `ruff check .` in .ci/run (config: ruff.toml)
         ],
     },
     entry_points={"console_scripts": ["omg=omg.cli:main"]},

@@ -8,12 +8,7 @@ import sys
 import time
 from typing import Callable
 
-# `python bench/X.py` puts bench/ first on sys.path, where omg.py (the OMG sampler's benchmark) would shadow
-# the omg package: take the folder off the path before anything imports omg. `python -m bench.X` needs none.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import torch  # noqa: E402
+import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -36,7 +36,7 @@ from bench.common import device_name, time_ms, write_json  # noqa: E402
 from bench.lora import random_unet  # noqa: E402
 from kernels import blend as kblend  # noqa: E402
 from kernels import cross_attention as kca  # noqa: E402
-from omg.attention import AttentionControl, attention_probs  # noqa: E402
+from omg.attention import AttentionControl, RowLayout, attention_probs  # noqa: E402
 from omg.graphs import GraphedCall  # noqa: E402
 from omg.sampling import apply_guidance  # noqa: E402
 from omg.unet import UNetConfig  # noqa: E402
@@ -281,12 +281,12 @@ def bench_unet(args, device, smoke: bool) -> dict:
         return call
 
     def control_capture(store):
-        control = AttentionControl(unet, store, steps=[0], store_dtype=torch.bfloat16, heatmap_tokens=token_list,
-                                   latent_hw=(latent, latent))
+        control = AttentionControl(unet, store, replay_calls=[0], store_dtype=torch.bfloat16,
+                                   heatmap_tokens=token_list, latent_hw=(latent, latent))
 
         def call():
             with control:
-                control.mode, control.step, control.cond_rows = "capture", 0, slice(1, 2)
+                control.set_call("capture", 0, RowLayout(images=1))
                 return forward()
         return call, control
 
@@ -299,14 +299,13 @@ def bench_unet(args, device, smoke: bool) -> dict:
 
             def replay():
                 with control:
-                    control.mode, control.step = "replay", 0
-                    control.cond_rows, control.source_rows = slice(2, 3), slice(1, 2)
+                    control.set_call("replay", 0, RowLayout(images=1, with_source=True))
                     return forward(x3, c3, y3, t3)
             return replay
 
         def replay():
             with control:
-                control.mode, control.step, control.cond_rows = "replay", 0, slice(1, 2)
+                control.set_call("replay", 0, RowLayout(images=1))
                 return forward()
         return replay
 
@@ -320,7 +319,7 @@ def bench_unet(args, device, smoke: bool) -> dict:
 
     def recompute_capture(xx):  # stage 1 of generate(): heat maps of the class tokens, nothing stored
         with recompute_control:
-            recompute_control.mode, recompute_control.step, recompute_control.cond_rows = "capture", 0, slice(1, 2)
+            recompute_control.set_call("capture", 0, RowLayout(images=1))
             return forward(xx)
 
     captures = {fmt: KernelAttention("capture", map_format=fmt, tokens=tokens) for fmt in ("log8", "bf16")}

@@ -147,8 +147,8 @@ def main() -> None:
         if not args.keep and os.path.exists(path):
             os.unlink(path)
     result = {
-        "what": f"omg.load_sdxl(path, device={args.device!r}, dtype=torch.float16) of an SGM single file in the full SDXL "
-                "base layout with random fp16 weights, in a fresh process",
+        "what": f"omg.load_sdxl(path, device={args.device!r}, dtype=torch.float16) of an SGM single file in the full "
+                "SDXL base layout with random fp16 weights, in a fresh process",
         "file_bytes": size, "file_write_seconds": write_seconds, **figures,
         "peak_rss_over_file": figures["ru_maxrss_bytes"] / size,
         "peak_rss_minus_baseline_over_file": (figures["ru_maxrss_bytes"] - figures["rss_before_load_bytes"]) / size,
@@ -163,8 +163,9 @@ def main() -> None:
     with open(results, "w") as f:
         json.dump(result, f, indent=2)
     print(f"file {size / GIB:.2f} GiB | model in memory {figures['model_bytes'] / GIB:.2f} GiB | "
-          f"peak RSS {figures['ru_maxrss_bytes'] / GIB:.2f} GiB (before load {figures['rss_before_load_bytes'] / GIB:.2f}) "
-          f"| peak RssAnon {figures['peak_rss_anon_sampled_bytes'] / GIB:.2f} GiB, peak RssFile "
+          f"peak RSS {figures['ru_maxrss_bytes'] / GIB:.2f} GiB "
+          f"(before load {figures['rss_before_load_bytes'] / GIB:.2f}) | peak RssAnon "
+          f"{figures['peak_rss_anon_sampled_bytes'] / GIB:.2f} GiB, peak RssFile "
           f"{figures['peak_rss_file_sampled_bytes'] / GIB:.2f} GiB | load {figures['load_seconds']:.1f} s")
     print(f"wrote {results}")
 

@@ -77,7 +77,7 @@ def profile_forward(unet, batch: int, dtype: torch.dtype, grouped=None) -> dict:
 def profile_generate(k: int, dtype: torch.dtype) -> dict:
     import time
 
-    from bench.omg import CLASSES, PROMPT, boxes, random_sdxl
+    from bench.generate import CLASSES, PROMPT, boxes, random_sdxl
     from omg.pipeline import Concept, generate
     model = random_sdxl(dtype)
     loras = [load_lora(kohya_lora(model.unet, 64, locon=False, seed=i + 1), device="cuda") for i in range(k)]

@@ -119,27 +119,38 @@ class Renderer:
         return [omg.Concept(CONCEPTS[c].class_name, prompt, lora=self.loras[c], lora_scale=LORA_SCALE)
                 for c, prompt in zip(pair, p["concepts"])]
 
+    def _chunks(self, seeds: Sequence[int]) -> list[list[int]]:
+        return [list(seeds[i:i + self.batch]) for i in range(0, len(seeds), self.batch)]
+
     def omg(self, pair: Sequence[str], p: dict, seeds: Sequence[int], replay: bool) -> list:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a concept not found is recorded in the result, not printed
-            return [omg.generate(self.model, p["global"], self._concepts(pair, p), steps=self.steps,
-                                 blend_steps=self.blend_steps, seed=s, height=self.size, width=self.size,
-                                 progress=False, replay=replay, **SAMPLING) for s in seeds]
+        """One omg.Result per seed, the seeds rendered as batches (omg.generate(seeds=...))."""
+        out = []
+        for chunk in self._chunks(seeds):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a concept not found is recorded in the result, not printed
+                results = omg.generate(self.model, p["global"], self._concepts(pair, p), steps=self.steps,
+                                       blend_steps=self.blend_steps, seeds=chunk, height=self.size,
+                                       width=self.size, progress=False, replay=replay, **SAMPLING)
+            out += results if isinstance(results, list) else [results]
+        return out
 
     def merged(self, prompt: str, concepts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        """Plain sampling with the concepts' LoRAs merged (UNet and text encoder), restored after."""
+        """Plain sampling with the concepts' LoRAs merged (UNet and text encoder), restored after; batched."""
         specs = [(self.loras[c], LORA_SCALE) for c in concepts]
+        out = []
         with merged_lora(self.model.unet, specs), text_encoder_lora(self.model.text, specs):
-            return [sample(self.model, prompt, steps=self.steps, seed=s, height=self.size, width=self.size,
-                           progress=False, **SAMPLING)[0] for s in seeds]
+            for chunk in self._chunks(seeds):
+                out += sample(self.model, prompt, steps=self.steps, seeds=chunk, height=self.size, width=self.size,
+                              progress=False, **SAMPLING)
+        return out
 
     def regional(self, pair: Sequence[str], p: dict, seeds: Sequence[int], masks: torch.Tensor) -> list[Image.Image]:
         """masks [n, 2, h, w]: each seed's OMG stage-1 masks."""
         out = []
-        for i in range(0, len(seeds), self.batch):
-            out += regional_sample(self.model, p["global"], self._concepts(pair, p), masks[i:i + self.batch],
-                                   steps=self.steps, seeds=list(seeds[i:i + self.batch]), height=self.size,
-                                   width=self.size, progress=False, **SAMPLING)
+        for i, chunk in enumerate(self._chunks(seeds)):
+            out += regional_sample(self.model, p["global"], self._concepts(pair, p),
+                                   masks[i * self.batch:(i + 1) * self.batch], steps=self.steps, seeds=chunk,
+                                   height=self.size, width=self.size, progress=False, **SAMPLING)
         return out
 
     def ground_truth(self, pair: Sequence[str], seeds: Sequence[int], plain: bool) -> list[torch.Tensor]:

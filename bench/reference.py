@@ -1,4 +1,4 @@
-"""The original OMG code's schedule, rebuilt from diffusers + peft, as the baseline for bench/omg.py.
+"""The original OMG code's schedule, rebuilt from diffusers + peft, as the baseline for bench/generate.py.
 
 What the original does (see the project's notes on kongzhecn/OMG): the base UNet runs every attention
 with an explicit softmax at batch 4 = [source, target] x [uncond, cond] (same prompt, same noise), copying

@@ -16,9 +16,16 @@ BEGIN, END = "<!-- BENCH:BEGIN (python -m bench.report --update-readme) -->", "<
 GIB = 2**30
 
 
+def _command(d: dict) -> str:
+    """The command that wrote a result; bench/omg.py is now bench/generate.py (the old name shadowed the omg
+    package), so results recorded under the old name show the command that reruns them today."""
+    return d.get("command", "python -m bench.generate").replace("python -m bench.omg", "python -m bench.generate")
+
+
 def _load(name: str) -> list[dict]:
     """Every GPU result of a bench, newest first."""
-    found = [json.load(open(p)) for p in glob.glob(os.path.join(RESULTS, f"{name}_*.json")) if not p.endswith("_cpu.json")]
+    paths = glob.glob(os.path.join(RESULTS, f"{name}_*.json"))
+    found = [json.load(open(p)) for p in paths if not p.endswith("_cpu.json")]
     return sorted(found, key=lambda d: d["date"], reverse=True)
 
 
@@ -72,7 +79,7 @@ def lora_section(d: dict) -> str:
 
 
 def targets_section(d: dict) -> str:
-    """Issue 7's targets against one bench.omg run that also timed the UNet and the original's schedule."""
+    """Issue 7's targets against one bench.generate run that also timed the UNet and the original's schedule."""
     s, u, ref = d["summary"], d["unet"], d["reference"]
     k = {r["k"]: r for r in d["rows"] if r["store"] == "recompute" and r.get("cuda_graphs") and r.get("triton", True)
          and r.get("lora_mode") == "grouped" and not r["self_replay_steps"]}
@@ -97,7 +104,7 @@ def targets_section(d: dict) -> str:
              f"({s['k2_final_latent_vs_unoptimised_max_abs_diff'] / s['k2_final_latent_max_abs']:.2%} of the "
              f"largest value {s['k2_final_latent_max_abs']}), RMS {s['k2_final_latent_vs_unoptimised_rms_diff']}; "
              f"tests: <= 1e-4 in fp32 on CPU, CUDA graphs bit-identical to eager on the GPU", "yes"]]
-    return (f"Performance targets (issue 7), from `{d['command']}`:\n\n"
+    return (f"Performance targets (issue 7), from `{_command(d)}`:\n\n"
             + _table(["target", f"measured ({d['device']})", "met"], rows))
 
 
@@ -106,8 +113,8 @@ def omg_section(d: dict) -> str:
     for r in d["rows"]:
         t = r["timings"]
         lora = r.get("lora_mode", "merged") + ("" if r.get("triton", True) else ", torch ops only")
-        rows.append([r["k"], r["store"] + (f" + self-replay {r['self_replay_steps']}" if r["self_replay_steps"] else ""),
-                     lora, "yes" if r.get("cuda_graphs") else "no",
+        replay = f" + self-replay {r['self_replay_steps']}" if r["self_replay_steps"] else ""
+        rows.append([r["k"], r["store"] + replay, lora, "yes" if r.get("cuda_graphs") else "no",
                      f"{r['seconds']:.2f}", f"{t['stage1']:.2f}", f"{t['masks']:.2f}", f"{t['stage2']:.2f}",
                      f"{t['decode'] + t['decode_stage1']:.2f}", r["unet_evaluations"], f"{r['peak_gib']:.2f}",
                      f"{r['store_gib']:.2f}", f"{r['utilisation']:.0%}"])
@@ -135,11 +142,11 @@ def omg_section(d: dict) -> str:
                         f"{ref['total_s']:.2f} s for k = {ref['k']} from another command "
                         f"(bench/results/reference_*.json), k = {ref['k']} here is "
                         f"{ref['total_s'] / ours['seconds']:.2f}x faster (indicative only)")
-    return (f"`{d.get('command', 'python -m bench.omg')}`: one OMG image, {d['steps']} DDIM steps, blending over the last "
+    return (f"`{_command(d)}`: one OMG image, {d['steps']} DDIM steps, blending over the last "
             f"{d['blend_steps']}, rank-{d['lora_rank']} LoRAs on every kohya target, {d['dtype']}, 1024x1024 "
             f"(utilisation: evaluations x 6.76 TFLOP / time / 989 TFLOP/s). {summary}.\n\n"
-            + _table(["k", "store", "concept weights", "CUDA graphs", "total s", "stage 1", "masks", "stage 2", "decode",
-                      "UNet evals", "peak GiB", "store GiB", "utilisation"], rows))
+            + _table(["k", "store", "concept weights", "CUDA graphs", "total s", "stage 1", "masks", "stage 2",
+                      "decode", "UNet evals", "peak GiB", "store GiB", "utilisation"], rows))
 
 
 def kernels_section(d: dict) -> str:
@@ -165,9 +172,10 @@ def kernels_section(d: dict) -> str:
                       f"it; stage 1's capture step (heat maps, store \"recompute\") as a graph is "
                       f"{d['targets']['stage1_step_generate_capture_graph_vs_plain_graph']:.3f}x the graphed plain "
                       f"step.")
-        parts.append(f"`{d.get('command', 'python -m bench.kernels --sections unet --rounds 5')}`: the full SDXL UNet, batch "
-                     f"{u['batch']}, {u['dtype']}, 1024x1024, with attn2 routed through each variant (best of "
-                     f"interleaved rounds). Any per-layer Python processor costs ~10 % at batch 2 (launch-bound)."
+        command = d.get("command", "python -m bench.kernels --sections unet --rounds 5")
+        parts.append(f"`{command}`: the full SDXL UNet, batch {u['batch']}, {u['dtype']}, 1024x1024, with attn2 "
+                     f"routed through each variant (best of interleaved rounds). Any per-layer Python processor "
+                     f"costs ~10 % at batch 2 (launch-bound)."
                      f"{graphs}\n\n"
                      + _table(["variant", "ms", "vs plain"], rows))
     return "\n\n".join(parts)

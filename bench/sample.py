@@ -18,7 +18,7 @@ from bench.unet import build_diffusers, random_sgm_state_dict
 from omg.model import SDXL
 from omg.sampling import randn_cpu
 from omg.text import SDXLTextEncoder
-from omg.txt2img import latents_to_images, sample_latents, sdxl_conditioning
+from omg.txt2img import sample_latents
 from omg.unet import UNet, UNetConfig
 from omg.vae import AutoencoderKL, VAEConfig
 
@@ -59,7 +59,7 @@ def main() -> None:
     def ours():
         latents = sample_latents(model, prompt, negative, steps=args.steps, guidance=7.5, seed=0,
                                  height=1024, width=1024, progress=False)
-        return latents, latents_to_images(model.vae, latents)
+        return latents, model.decode(latents)
     seconds(ours)  # warm-up
     torch.cuda.reset_peak_memory_stats()
     runs = [seconds(ours) for _ in range(args.repeats)]
@@ -82,7 +82,7 @@ def main() -> None:
 
     @torch.no_grad()
     def theirs():
-        context, y = sdxl_conditioning(model, [prompt], [negative], 1024, 1024)  # our UNet is parked on the CPU
+        context, y = model.conditioning([prompt], [negative], 1024, 1024)  # our UNet is parked on the CPU
         context, pooled = context.to("cuda"), y[:, :1280].to("cuda")
         time_ids = torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * 2, device="cuda", dtype=dtype)
         scheduler.set_timesteps(args.steps)

@@ -72,7 +72,7 @@ def main() -> None:
     assert torch.cuda.is_available(), "bench/unet.py measures the GPU"
     cfg = UNetConfig.sdxl()
     sd = random_sgm_state_dict(cfg)
-    flops_per_sample = 6.76e12  # torch FLOP counter, batch 1 at 1024x1024 (reference/perf-anchors.md §7)
+    flops_per_sample = 6.76e12  # torch.utils.flop_counter.FlopCounterMode on one batch-1 forward at 1024x1024
     rows = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]

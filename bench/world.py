@@ -44,9 +44,9 @@ from bench.identity import (CLASSES, COLOUR_NAMES, LABELS, ClassifierConfig, Ide
                             load_or_train, predict, score_concepts, to_tensor, vae_round_trip)
 from demo.scenes import BACKGROUNDS, CONCEPTS, Scene, article, base_scenes, concept_images, render_scene
 from demo.world import BLEND_FRACTION, LORA_SCALE, SAMPLING, concept_prompt, plain_prompt
-from omg.attention import AttentionControl
+from omg.attention import AttentionControl, RowLayout
 from omg.lora import load_lora, merged_lora
-from omg.masks import concept_token_indices, make_masks
+from omg.masks import concept_token_indices, make_masks, token_heatmaps
 from omg.sampling import NoiseSchedule
 from omg.txt2img import sample
 
@@ -145,12 +145,14 @@ def scene_heatmaps(model, scene: Scene, class_names: Sequence[str], steps: int, 
     flat = sorted({i for idx in token_indices for i in idx})
     context, pooled = model.text.encode([scene.caption])
     y = _y(model, pooled, size)
-    control = AttentionControl(model.unet, "recompute", heatmap_tokens=flat, latent_hw=latent.shape[-2:])
-    control.mode, control.step, control.cond_rows = "capture", 0, slice(0, len(t))
+    control = AttentionControl(model.unet, "recompute", heatmap_tokens=flat, latent_hw=tuple(latent.shape[-2:]))
+    rows = RowLayout(images=len(t))  # [uncond x T | cond x T]: the cond rows are captured, as in stage 1
+    control.set_call("capture", 0, rows)
+    n = rows.rows
     with control:
-        model.unet(x_t.to(dtype), t, context.to(dtype).expand(len(t), -1, -1), y.to(dtype).expand(len(t), -1))
-    maps = control.heatmaps.result()
-    return torch.stack([maps[[flat.index(i) for i in idx]].mean(0) for idx in token_indices])
+        model.unet(torch.cat([x_t, x_t]).to(dtype), t.repeat(2), context.to(dtype).expand(n, -1, -1),
+                   y.to(dtype).expand(n, -1))
+    return token_heatmaps(control.heatmaps.result(), token_indices, flat)
 
 
 def latent_masks(scene: Scene, latent: int) -> torch.Tensor:

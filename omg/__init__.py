@@ -2,11 +2,13 @@
 
     model = omg.load_sdxl("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.float16)
     result = omg.generate(model, "a man and a woman in a park",
-                          [omg.Concept("man", "a photo of sks man", lora="sks.safetensors"), ...])
+                          [omg.Concept("man", "a photo of sks man", lora="sks.safetensors"), ...],
+                          omg.OMGOptions.paper(seed=3))
 """
 from omg.model import SDXL, load_sdxl
+from omg.options import OMGOptions
 
-__all__ = ["SDXL", "load_sdxl", "Concept", "Result", "generate", "sample", "regional_sample"]
+__all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Result", "generate", "sample", "regional_sample"]
 
 
 def __getattr__(name: str):

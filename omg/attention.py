@@ -19,7 +19,6 @@ of chosen prompt tokens (the class nouns), from which the concept masks are made
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
+from omg.errors import OptionError, SamplingError
 from omg.unet import Attention, UNet
 
 STORES = ("outputs", "maps", "recompute")
@@ -81,59 +81,120 @@ class TokenHeatmaps:
         acc = self.accumulator(probs.shape[2], probs.shape[0], probs.device)
         acc += probs[..., self.token_indices].float().mean(dim=1)
 
-    def result(self) -> Tensor:
-        """Average over layers, heads and steps at latent resolution: (n_tok, H, W), each map sums to 1."""
+    def result(self, row: Optional[int] = None) -> Tensor:
+        """Average over layers, heads and steps at latent resolution: (n_tok, H, W), each map sums to 1.
+
+        row: the captured conditional row (an image of the batch) to average; None averages all rows.
+        """
         if not self.sums:
-            raise RuntimeError("no cross-attention was captured")
+            raise SamplingError("no cross-attention was captured: run a UNet call in capture mode first")
+        grids = level_grids(self.latent_hw)
         total = 0
         for n, s in self.sums.items():
-            h, w = _spatial_shape(n, self.latent_hw)
-            maps = s.mean(dim=0).T.reshape(len(self.token_indices), h, w) / self.counts[n]
+            assert n in grids, f"{n} query tokens are no UNet level of the latent {self.latent_hw}"
+            h, w = grids[n]
+            rows = s.mean(dim=0) if row is None else s[row]
+            maps = rows.T.reshape(len(self.token_indices), h, w) / self.counts[n]
             total = total + F.interpolate(maps[None], size=self.latent_hw, mode="bilinear", align_corners=False)[0]
         return total / total.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
-def _spatial_shape(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    factor = round(math.sqrt(latent_hw[0] * latent_hw[1] / tokens))
-    h, w = -(-latent_hw[0] // factor), -(-latent_hw[1] // factor)  # stride-2 convs round up
-    assert h * w == tokens, (tokens, latent_hw)
-    return h, w
+def level_grids(latent_hw: tuple[int, int]) -> dict[int, tuple[int, int]]:
+    """Token count -> (h, w) of every UNet level for a latent size: each level halves the one above, rounding up
+    (a stride-2 convolution with padding 1), so the grids are distinct in size down to 1x1."""
+    h, w = latent_hw
+    grids = {h * w: (h, w)}
+    while (h, w) != (1, 1):
+        h, w = -(-h // 2), -(-w // 2)
+        grids[h * w] = (h, w)
+    return grids
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Which rows of a base-model UNet call play which role, for a batch of `images` latents under CFG.
+
+        without the source rows:  [uncond x images | cond x images]
+        with the source rows:     [uncond x images | stage-1 cond (source) x images | cond x images]
+
+    ``cond`` rows are the global prompt's conditional rows: captured in stage 1, replayed in stage 2. The
+    source rows (store="recompute") carry stage 1's latents through stage 2's base pass, and their attention is
+    copied into the cond rows. A call may have more rows after these (the concept passes of a grouped call):
+    the processors leave them alone.
+    """
+    images: int = 1
+    with_source: bool = False
+
+    @property
+    def rows(self) -> int:
+        return (3 if self.with_source else 2) * self.images
+
+    @property
+    def uncond(self) -> slice:
+        return slice(0, self.images)
+
+    @property
+    def source(self) -> Optional[slice]:
+        return slice(self.images, 2 * self.images) if self.with_source else None
+
+    @property
+    def cond(self) -> slice:
+        return slice(self.rows - self.images, self.rows)
+
+
+MODES = ("plain", "capture", "replay")
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What the processors do during one UNet call: `mode` at model-call `index` over the rows of `rows`."""
+    mode: str = "plain"
+    index: int = -1  # the sampler's model-call index (stores are keyed by it)
+    rows: RowLayout = RowLayout()
 
 
 class AttentionControl:
     """Attention processor for every attention layer of a UNet: plain, capture, or replay.
 
-    The sampler sets ``mode`` and ``step`` before each UNet call and gives the rows of the batch
-    that play each role: ``cond_rows`` (the conditional rows of the global prompt, captured in stage 1
-    and replayed in stage 2) and, for ``store="recompute"``, ``source_rows`` (stage-1 rows whose attention
-    is copied into ``cond_rows``).
+    Before each UNet call the sampler says what the call is, in one call: ``set_call("capture", index, rows)``
+    (stage 1), ``set_call("replay", index, rows)`` (stage 2's base pass) or ``set_call("plain")``. `index` is
+    the sampler's model-call index; ``replay_calls`` are the calls whose cross-attention stage 2 replays
+    (stored in stage 1 when the store keeps anything) and ``self_replay_calls`` those whose self-attention
+    queries and keys it replays as well.
     """
 
-    def __init__(self, unet: UNet, store: str = "outputs", steps: Sequence[int] = (),
+    def __init__(self, unet: UNet, store: str = "outputs", replay_calls: Sequence[int] = (),
                  store_dtype: torch.dtype = torch.bfloat16, store_device: Optional[torch.device] = None,
-                 self_replay_steps: Sequence[int] = (), heatmap_tokens: Sequence[int] = (),
+                 self_replay_calls: Sequence[int] = (), heatmap_tokens: Sequence[int] = (),
                  latent_hw: Optional[tuple[int, int]] = None, map_format: Optional[str] = None,
                  self_replay_max_queries: Optional[int] = None):
         if store not in STORES:
-            raise ValueError(f"store must be one of {STORES}, not {store!r}")
+            raise OptionError(f"store must be one of {STORES}, not {store!r}")
         if map_format is not None and map_format not in kernels.MAP_FORMATS:
-            raise ValueError(f"map_format must be one of {kernels.MAP_FORMATS} or None, not {map_format!r}")
+            raise OptionError(f"map_format must be one of {kernels.MAP_FORMATS} or None, not {map_format!r}")
         self.unet = unet
         self.map_format = map_format  # store="maps": None keeps probabilities in store_dtype, else kernels' format
         self.store = store
-        self.steps = set(steps)  # steps whose cross-attention stage 2 replays
-        self.self_replay_steps = set(self_replay_steps)
+        self.replay_calls = frozenset(replay_calls)
+        self.self_replay_calls = frozenset(self_replay_calls)
         # self-attention is replayed only in layers with at most this many queries (None: in every layer)
         self.self_replay_max_queries = self_replay_max_queries
         self.store_dtype = store_dtype
         self.store_device = store_device
-        self.mode = "plain"  # "plain" | "capture" | "replay"
-        self.step = -1
-        self.cond_rows: slice = slice(0, 0)
-        self.source_rows: Optional[slice] = None
+        self._call = AttentionCall()
         self.saved: dict[tuple[int, str], object] = {}
         self.heatmaps = (TokenHeatmaps(list(heatmap_tokens), latent_hw)
                          if heatmap_tokens and latent_hw else None)
+
+    @property
+    def call(self) -> AttentionCall:
+        return self._call
+
+    def set_call(self, mode: str, index: int = -1, rows: RowLayout = RowLayout()) -> None:
+        """Say what the next UNet calls are: `mode` ("plain", "capture", "replay") at model call `index`."""
+        if mode not in MODES:
+            raise OptionError(f"attention mode must be one of {MODES}, not {mode!r}")
+        self._call = AttentionCall(mode, index, rows)
 
     # -- installation ---------------------------------------------------------------------------
     def __enter__(self) -> "AttentionControl":
@@ -152,15 +213,15 @@ class AttentionControl:
 
     # -- the processor --------------------------------------------------------------------------
     def __call__(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
-        if self.mode == "capture":
+        if self._call.mode == "capture":
             return self._capture(layer, x, context)
-        if self.mode == "replay":
+        if self._call.mode == "replay":
             return self._replay(layer, x, context)
         return layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
 
     def _replays_self(self, x: Tensor) -> bool:
-        """Whether this step replays the self-attention of a layer whose input x is (B, queries, C)."""
-        return self.step in self.self_replay_steps and (
+        """Whether this call replays the self-attention of a layer whose input x is (B, queries, C)."""
+        return self._call.index in self.self_replay_calls and (
             self.self_replay_max_queries is None or x.shape[1] <= self.self_replay_max_queries)
 
     def _keep(self, t: Tensor) -> Tensor:
@@ -168,12 +229,13 @@ class AttentionControl:
 
     def _capture(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
         q, k, v = layer.qkv(x, context)
-        rows, key = self.cond_rows, (self.step, layer.path)
+        call = self._call
+        rows, key = call.rows.cond, (call.index, layer.path)
         if not layer.is_cross:
             if self._replays_self(x) and self.store != "recompute":
                 self.saved[key] = (self._keep(q[rows]), self._keep(k[rows]))
             return layer.out(F.scaled_dot_product_attention(q, k, v))
-        keep_maps = self.store == "maps" and self.step in self.steps
+        keep_maps = self.store == "maps" and call.index in self.replay_calls
         attended = F.scaled_dot_product_attention(q, k, v)  # SDPA's output: capturing changes nothing
         if keep_maps and self.map_format is None:  # probabilities in store_dtype
             probs = attention_probs(q[rows], k[rows])
@@ -189,12 +251,13 @@ class AttentionControl:
             if keep_maps:
                 self.saved[key] = captured.maps.to(self.store_device or q.device)
         out = layer.out(attended)
-        if self.store == "outputs" and self.step in self.steps:
+        if self.store == "outputs" and call.index in self.replay_calls:
             self.saved[key] = self._keep(out[rows])
         return out
 
     def _replay(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
-        rows, key = self.cond_rows, (self.step, layer.path)
+        call = self._call
+        rows, key = call.rows.cond, (call.index, layer.path)
         if not layer.is_cross:
             if not self._replays_self(x):
                 return layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
@@ -203,7 +266,7 @@ class AttentionControl:
             q, k = q.clone(), k.clone()
             q[rows], k[rows] = q_ref.to(q.dtype), k_ref.to(k.dtype)
             return layer.out(F.scaled_dot_product_attention(q, k, v))
-        if self.step not in self.steps:
+        if call.index not in self.replay_calls:
             return layer.out(F.scaled_dot_product_attention(*layer.qkv(x, context)))
         # every row is computed as in stage 1 (same batch, same kernels), then the conditional rows are
         # overwritten: with nothing blended, stage 2 reproduces stage 1 bit for bit
@@ -219,12 +282,12 @@ class AttentionControl:
             return layer.out(attended)
         out = layer.out(attended)
         if self.store == "recompute":
-            out[rows] = out[self.source_rows]
-        else:  # outputs
+            out[rows] = out[call.rows.source]
+        elif self.store == "outputs":
             out[rows] = self.saved[key].to(out.dtype)
         return out
 
     def _reference_qk(self, q: Tensor, k: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor]:
         if self.store == "recompute":
-            return q[self.source_rows], k[self.source_rows]
+            return q[self._call.rows.source], k[self._call.rows.source]
         return self.saved[key]

@@ -104,9 +104,11 @@ def _sgm_parts(source: TensorSource, layout: str) -> tuple[dict[str, Part], list
     def with_prefix(component: str) -> Callable[[str], str]:
         return lambda k: keymap.SGM_PREFIXES[component] + k
 
-    parts["unet"] = Part("unet", source, keymap.sgm_recipes(keys, "unet"), [], with_prefix("unet"), hints.get("unet", {}))
+    parts["unet"] = Part("unet", source, keymap.sgm_recipes(keys, "unet"), [], with_prefix("unet"),
+                         hints.get("unet", {}))
     if any(k.startswith(keymap.SGM_PREFIXES["vae"]) for k in keys):
-        parts["vae"] = Part("vae", source, keymap.sgm_recipes(keys, "vae"), [], with_prefix("vae"), hints.get("vae", {}))
+        parts["vae"] = Part("vae", source, keymap.sgm_recipes(keys, "vae"), [], with_prefix("vae"),
+                            hints.get("vae", {}))
     if any(k.startswith("conditioner.") for k in keys):
         recipes = {f"{enc}.{k}": r for enc in ("clip_l", "clip_g") for k, r in keymap.sgm_recipes(keys, enc).items()}
 
@@ -317,8 +319,8 @@ def _other_architecture(path: str, keys: list[str], source: TensorSource, layout
                          f"CLIP-L and conditioner.embedders.1.model bigG)")
     if found:
         raise CheckpointError(f"{path}: not an SDXL checkpoint: found " + "; ".join(found) + ". Expected the SDXL "
-                              f"base layout (model.diffusion_model.label_emb.0.0.weight [1280, 2816], Linear "
-                              f"proj_in, context 2048, conditioner.embedders.{{0,1}}).")
+                              "base layout (model.diffusion_model.label_emb.0.0.weight [1280, 2816], Linear "
+                              "proj_in, context 2048, conditioner.embedders.{0,1}).")
 
 
 def checkpoint_from_source(source: TensorSource) -> Checkpoint:
@@ -439,7 +441,8 @@ def plan_part(path: str, part: Part) -> tuple[Optional[Plan], list[str]]:
         try:
             shapes[target] = recipe.apply(part.source.meta(s) for s in recipe.sources)
         except Exception as e:  # a recipe over mis-shaped tensors (fuse, transpose) fails in torch
-            broken.append(f"{' + '.join(recipe.sources)} {[list(part.source.meta(s).shape) for s in recipe.sources]}: {e}")
+            shapes_in = [list(part.source.meta(s).shape) for s in recipe.sources]
+            broken.append(f"{' + '.join(recipe.sources)} {shapes_in}: {e}")
     problems = [f"{part.name}: {len(broken)} tensors cannot be converted: {_first(broken)}"] if broken else []
     try:
         config = _infer_config(part, shapes)
@@ -448,7 +451,8 @@ def plan_part(path: str, part: Part) -> tuple[Optional[Plan], list[str]]:
         what = f"key {part.file_name(missing)!r} is missing" if isinstance(missing, str) else f"{type(e).__name__}: {e}"
         return None, problems + [f"{part.name}: cannot infer the config from the tensor shapes: {what}"]
     except Exception as e:  # e.g. a zero-width tensor dividing, a head width not dividing
-        return None, problems + [f"{part.name}: cannot infer the config from the tensor shapes: {type(e).__name__}: {e}"]
+        what = f"{type(e).__name__}: {e}"
+        return None, problems + [f"{part.name}: cannot infer the config from the tensor shapes: {what}"]
     try:
         expected, module = _expected(part.name, config)
     except Exception as e:  # shapes that make no buildable model (zero channels, groups not dividing, ...)

@@ -1,12 +1,14 @@
 """The `omg` command.
 
     omg generate --checkpoint sd_xl_base_1.0.safetensors --prompt "a man and a woman in a park" \\
-        --concept "man: a photo of sks man @ sks.safetensors" --concept "woman: a photo of xyz woman @ xyz.safetensors" \\
-        --out out.png --save-masks
+        --concept "man: a photo of sks man @ sks.safetensors" \\
+        --concept "woman: a photo of xyz woman @ xyz.safetensors" --out out.png --save-masks
     omg generate --spec concepts.yaml         # the same as a YAML/JSON file (keys as the flags, concepts as a list)
+    omg generate --spec concepts.yaml --seeds 3 8 21      # three images in one batch: out.png, out_1.png, out_2.png
 
-Writes the image with its generation parameters in a PNG text chunk ("parameters", JSON), the stage-1 image
-(<out>_stage1.png) and, on request, mask and attention overlays.
+The options are omg.OMGOptions' fields (flag --blend-steps = spec key blend_steps). Writes each image with its
+generation parameters in a PNG text chunk ("parameters", JSON), its stage-1 image (<stem>_stage1.png) and, on
+request, mask and attention overlays.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 def parse_concept(text: str) -> dict:
     """'CLASS: PROMPT [@ LORA[*SCALE]] [! NEGATIVE]' -> concept dict."""
+    from omg.errors import OptionError
+
     if ":" not in text:
-        raise ValueError(f"--concept {text!r}: expected 'class: prompt [@ lora.safetensors[*scale]] [! negative]'")
+        raise OptionError(f"--concept {text!r}: expected 'class: prompt [@ lora.safetensors[*scale]] [! negative]'")
     class_name, rest = (s.strip() for s in text.split(":", 1))
     concept: dict[str, Any] = {"class_name": class_name}
     if "!" in rest:
@@ -51,7 +55,8 @@ def load_spec(path: str) -> dict:
     else:
         spec = json.loads(text)
     if not isinstance(spec, dict):
-        raise ValueError(f"{path}: expected a mapping of options, got {type(spec).__name__}")
+        from omg.errors import OptionError
+        raise OptionError(f"{path}: expected a mapping of options, got {type(spec).__name__}")
     base = os.path.dirname(os.path.abspath(path))
     for c in spec.get("concepts", []):  # LoRA paths are relative to the spec file
         if c.get("lora") and not os.path.isabs(c["lora"]):
@@ -59,34 +64,42 @@ def load_spec(path: str) -> dict:
     return spec
 
 
+RUN_KEYS = ("prompt", "concepts", "checkpoint", "device", "dtype")  # spec keys that are not OMGOptions fields
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from omg.options import OMGOptions, cli_options
+
     parser = argparse.ArgumentParser(prog="omg", description="Occlusion-friendly multi-concept SDXL generation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="render one multi-concept image",
-                       description="Render one image in which every concept keeps its identity.")
+    g = sub.add_parser("generate", help="render multi-concept images",
+                       description="Render images in which every concept keeps its identity. The options after "
+                                   "--save-attention are omg.OMGOptions' fields; a spec file takes the same "
+                                   "names (with underscores).")
     g.add_argument("--spec", help="YAML/JSON file with any of the options below and a 'concepts' list")
     g.add_argument("--checkpoint", help="SDXL single-file .safetensors or diffusers folder (default: demo weights)")
     g.add_argument("--prompt", help="global prompt naming each concept's class noun")
     g.add_argument("--concept", action="append", default=[],
                    help="'class: prompt [@ lora.safetensors[*scale]] [! negative prompt]' (repeatable)")
-    g.add_argument("--negative-prompt")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance", type=float)
-    g.add_argument("--blend-steps", type=int)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--sampler")
-    g.add_argument("--store", choices=["outputs", "maps", "recompute"])
-    g.add_argument("--lora-mode", choices=["grouped", "merged"],
-                   help="concept weights in stage 2: LoRA factors on the shared base (grouped, default) or merged")
-    g.add_argument("--sam", help="segment-anything checkpoint (vit_b/l/h) to refine the masks")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    g.add_argument("--out", default="omg.png")
-    g.add_argument("--save-masks", action="store_true", help="also write <out>_masks.png")
-    g.add_argument("--save-attention", action="store_true", help="also write <out>_attention_<i>.png")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--out", default="omg.png", help="image path; a batch writes <out>, <stem>_1.png, <stem>_2.png, ...")
+    g.add_argument("--save-masks", action="store_true", help="also write <stem>_masks.png")
+    g.add_argument("--save-attention", action="store_true", help="also write <stem>_attention_<i>.png")
+    defaults = OMGOptions()
+    for f in cli_options():  # one flag per option, named, typed and explained by its field
+        meta = f.metadata
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
+                                  "help": f"{meta['help']} (default: {getattr(defaults, f.name)!r})"}
+        if meta["parse"] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=meta["parse"], choices=meta["choices"], nargs="+" if meta["many"] else None)
+        g.add_argument(_flag(f.name), **kwargs)
     return parser
 
 
@@ -117,58 +130,70 @@ def _load_model(checkpoint: Optional[str], device: str, dtype: Any) -> tuple[Any
     return model, "random-tiny"
 
 
+def _paths(out: str, index: int) -> tuple[str, str]:
+    """(image path, stem for the extra files) of image `index` of a batch: out.png, out_1.png, out_2.png, ..."""
+    stem, ext = os.path.splitext(out)
+    stem = stem if index == 0 else f"{stem}_{index}"
+    return stem + (ext or ".png"), stem
+
+
 def generate_command(args: argparse.Namespace) -> int:
     import torch
 
     import omg
+    from omg.errors import OptionError
     from omg.masks import overlay_heatmap, overlay_masks
+    from omg.options import cli_options
 
     spec = load_spec(args.spec) if args.spec else {}
     if not (args.spec or args.prompt or args.checkpoint or args.concept) and os.path.exists(DEMO_SPEC):
         spec = load_spec(DEMO_SPEC)  # bare `omg generate`: the demo world's scene, with its masks
         args.save_masks = True
-    options = {k: v for k, v in vars(args).items() if v is not None and k not in ("spec", "concept", "command")}
-    spec.update({k: v for k, v in options.items() if k not in ("out", "save_masks", "save_attention", "no_progress")
-                 and not (k == "concept")})
-    concepts = spec.pop("concepts", []) + [parse_concept(c) for c in args.concept]
-    prompt = spec.pop("prompt", None)
-    if not prompt:
-        raise ValueError("a --prompt (or 'prompt' in the spec) is required")
-    device = spec.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = spec.pop("dtype", None) or ("fp16" if device.startswith("cuda") else "fp32")
-    dtype = getattr(torch, DTYPES[dtype_name])
-    model, source = _load_model(spec.pop("checkpoint", None), device, dtype)
-    if source in ("random-tiny", DEMO_CHECKPOINT):  # both are 256-pixel models
-        spec.setdefault("height", 256)
-        spec.setdefault("width", 256)
-    known = {"negative_prompt", "steps", "guidance", "blend_steps", "seed", "height", "width", "sampler", "store",
-             "lora_mode", "sam", "guidance_rescale", "dilate", "feather", "strict", "self_replay_steps", "spacing"}
-    unknown = sorted(set(spec) - known)
+    option_names = [f.name for f in cli_options()]
+    unknown = sorted(set(spec) - set(option_names) - set(RUN_KEYS))
     if unknown:
-        raise ValueError(f"unknown options {unknown}; known: {sorted(known)}")
-    result = omg.generate(model, prompt, [omg.Concept(**c) for c in concepts], progress=not args.no_progress,
-                          **spec)
-    parameters = {"prompt": prompt, "concepts": concepts, "checkpoint": source, "dtype": dtype_name, **spec,
-                  "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-                  "masks_found": result.concept_masks.found}
-    out = args.out
-    stem = os.path.splitext(out)[0]
-    save_png(result.image, out, parameters)
-    save_png(result.stage1_image, stem + "_stage1.png", {**parameters, "stage": 1})
-    written = [out, stem + "_stage1.png"]
-    if args.save_masks and len(concepts):
-        save_png(overlay_masks(result.stage1_image, result.masks), stem + "_masks.png")
-        written.append(stem + "_masks.png")
-    if args.save_attention:
-        for i in range(len(concepts)):
-            save_png(overlay_heatmap(result.stage1_image, result.heatmaps[i]), f"{stem}_attention_{i}.png")
-            written.append(f"{stem}_attention_{i}.png")
-    for c, found in zip(concepts, result.concept_masks.found):
-        if not found:
-            print(f"omg: concept {c['class_name']!r} was not found in the stage-1 image and was skipped",
-                  file=sys.stderr)
+        raise OptionError(f"unknown options {unknown} in {args.spec}; known: {sorted(option_names + list(RUN_KEYS))}")
+    spec.update({k: getattr(args, k) for k in ("prompt", "checkpoint", "device", "dtype")
+                 if getattr(args, k) is not None})
+    chosen = {k: v for k, v in spec.items() if k in option_names}
+    chosen.update({k: getattr(args, k) for k in option_names if hasattr(args, k)})  # flags over the spec
+    concepts = spec.get("concepts", []) + [parse_concept(c) for c in args.concept]
+    prompt = spec.get("prompt")
+    if not prompt:
+        raise OptionError("a --prompt (or 'prompt' in the spec) is required")
+    device = spec.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = spec.get("dtype") or ("fp16" if device.startswith("cuda") else "fp32")
+    if not spec.get("checkpoint"):  # the demo weights or the random fallback: both are 256-pixel models
+        chosen.setdefault("height", 256)
+        chosen.setdefault("width", 256)
+    options = omg.OMGOptions(**chosen)  # checked before the model is loaded
+    model, source = _load_model(spec.get("checkpoint"), device, getattr(torch, DTYPES[dtype_name]))
+    results = omg.generate(model, prompt, [omg.Concept(**c) for c in concepts], options)
+    results = results if isinstance(results, list) else [results]
+    written = []
+    for i, result in enumerate(results):
+        per_image = {k: v for k, v in chosen.items() if k not in ("seeds", "num_images")}  # each PNG: its own seed
+        parameters = {"prompt": prompt, "concepts": concepts, "checkpoint": source, "dtype": dtype_name,
+                      **per_image, "seed": result.seed,
+                      "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+                      "masks_found": result.concept_masks.found, "mask_sources": result.mask_sources}
+        out, stem = _paths(args.out, i)
+        save_png(result.image, out, parameters)
+        save_png(result.stage1_image, stem + "_stage1.png", {**parameters, "stage": 1})
+        written += [out, stem + "_stage1.png"]
+        if args.save_masks and len(concepts):
+            save_png(overlay_masks(result.stage1_image, result.masks), stem + "_masks.png")
+            written.append(stem + "_masks.png")
+        if args.save_attention:
+            for j in range(len(concepts)):
+                save_png(overlay_heatmap(result.stage1_image, result.heatmaps[j]), f"{stem}_attention_{j}.png")
+                written.append(f"{stem}_attention_{j}.png")
+        for c, found in zip(concepts, result.concept_masks.found):
+            if not found:
+                print(f"omg: concept {c['class_name']!r} was not found in the stage-1 image of seed {result.seed} "
+                      f"and was skipped", file=sys.stderr)
     print("wrote " + ", ".join(written))
-    print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
+    print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in results[0].timings.items()))
     return 0
 
 

@@ -1,4 +1,16 @@
-"""Errors raised by omg. Each message names the file, the key and what was expected."""
+"""Errors raised by omg for bad input. Each message names what was wrong and what was expected.
+
+Every one is an OmgError, itself a ValueError, so `except ValueError` still catches them all:
+
+    OmgError
+      CheckpointError    a checkpoint file is unreadable, of another architecture, or has missing/mis-shaped keys
+      LoraError          a LoRA file does not fit the model it is applied to
+      SamplingError      sampling cannot run or stopped: bad arguments, or a non-finite latent
+        OptionError      an option of generate/sample (omg.OMGOptions) is out of range or unknown
+        ScheduleError    stage 2 was driven over another sampler or sigma schedule than stage 1's
+      MaskError          a class noun, user mask, box or heat map that the concept masks cannot use
+      ModelError         a model component or attention layer that is missing or does not fit
+"""
 
 
 class OmgError(ValueError):
@@ -15,3 +27,25 @@ class LoraError(OmgError):
 
 class SamplingError(OmgError):
     """Sampling stopped: bad arguments, or a non-finite latent."""
+
+
+class OptionError(SamplingError):
+    """An option of omg.generate / omg.sample is out of range, of the wrong type, or unknown."""
+
+
+class ScheduleError(SamplingError):
+    """Stage 2 was driven over another sampler, sigma schedule or starting latent than stage 1 recorded."""
+
+
+class MaskError(OmgError):
+    """A class noun, user mask, box or heat map that the concept masks cannot be made from."""
+
+
+class ModelError(OmgError):
+    """A model bundle lacks a component, or a config or attention layer does not exist or fit."""
+
+
+class UnknownLayerError(ModelError, KeyError):
+    """No attention layer at a given path (also a KeyError: a lookup that failed)."""
+
+    __str__ = Exception.__str__  # KeyError's would quote the message

@@ -1,7 +1,8 @@
 """Key-name mappings between the SGM single-file layout (our module names) and the diffusers/transformers layouts.
 
-Everything here is built from the renaming rules of sdxl-formats.md §3-§4 (kohya make_unet_conversion_map,
-diffusers convert_ldm_unet_checkpoint / convert_open_clip_checkpoint); the TSV in tests/data is only the
+Everything here is built from the published renaming rules (kohya's make_unet_conversion_map in
+library/sdxl_model_util.py, diffusers' convert_ldm_unet_checkpoint / convert_open_clip_checkpoint of its
+single-file loader); the TSV in tests/data is only the
 test oracle. Tensors that change on the way (fused q/k/v, transposed projection, 1x1-conv <-> Linear) go
 through a :class:`Recipe` applied per key at load time, so no second full copy of a state dict is made.
 

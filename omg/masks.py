@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from omg.errors import MaskError
 from omg.sam import LATENT_SCALE, SamRefiner, image_array
 
 USER_SCORE = 2.0  # above any attention/SAM score: a user mask always owns the pixels it covers
@@ -30,7 +31,7 @@ def find_token_indices(tokens: Sequence, class_tokens: Sequence) -> list[list[in
     """Every non-overlapping occurrence of the sequence class_tokens in tokens, as position lists, in order."""
     n, found, i = len(class_tokens), [], 0
     if n == 0:
-        raise ValueError("the class noun has no tokens")
+        raise MaskError("the class noun has no tokens")
     while i + n <= len(tokens):
         if list(tokens[i:i + n]) == list(class_tokens):
             found.append(list(range(i, i + n)))
@@ -58,8 +59,8 @@ def concept_token_indices(prompt: str, class_names: Sequence[str]) -> list[list[
         occurrences = find_token_indices(ids, cls)
         j = used.get(cls, 0)
         if j >= len(occurrences):
-            raise ValueError(f"class noun {name!r} occurs {len(occurrences)} time(s) in the prompt {prompt!r}, "
-                             f"but {j + 1} concept(s) of that class need one occurrence each")
+            raise MaskError(f"class noun {name!r} occurs {len(occurrences)} time(s) in the prompt {prompt!r}, "
+                            f"but {j + 1} concept(s) of that class need one occurrence each")
         used[cls] = j + 1
         out.append([pos[i] for i in occurrences[j]])
     return out
@@ -78,7 +79,7 @@ def token_heatmaps(maps: Tensor, token_indices: Sequence[Sequence[int]], map_tok
     for idx in token_indices:
         r = [rows[p] for p in idx] if rows is not None else list(idx)
         if not r or min(r) < 0 or max(r) >= maps.shape[0]:
-            raise ValueError(f"token indices {list(idx)} out of range for {maps.shape[0]} token maps")
+            raise MaskError(f"token indices {list(idx)} out of range for {maps.shape[0]} token maps")
         heat.append(maps[r].mean(0))
     return normalize(gaussian_blur(torch.stack(heat), sigma))
 
@@ -255,15 +256,15 @@ def user_mask(spec: Any, image_size: tuple[int, int], name: str) -> Tensor:
 
     Box: (x0, y0, x1, y1) in image pixels -> the latent cells whose centres it covers (at least one). Mask: PIL
     image, array or tensor (bool, uint8 0..255 or float 0..1; a singleton channel is allowed) of exactly the
-    image size (H, W) -> majority of each 8x8 block, or of the latent size (H/8, W/8). Anything else: ValueError.
+    image size (H, W) -> majority of each 8x8 block, or of the latent size (H/8, W/8). Anything else: MaskError.
     """
     H, W = image_size
     h, w = H // LATENT_SCALE, W // LATENT_SCALE
     if isinstance(spec, (tuple, list)) and len(spec) == 4 and all(isinstance(v, (int, float)) for v in spec):
         x0, y0, x1, y1 = map(float, spec)
         if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
-            raise ValueError(f"concept {name!r}: box {tuple(spec)} must be (x0, y0, x1, y1) pixels with "
-                             f"0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H}")
+            raise MaskError(f"concept {name!r}: box {tuple(spec)} must be (x0, y0, x1, y1) pixels with "
+                            f"0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H}")
         c0, r0 = min(round(x0 / LATENT_SCALE), w - 1), min(round(y0 / LATENT_SCALE), h - 1)
         c1, r1 = max(round(x1 / LATENT_SCALE), c0 + 1), max(round(y1 / LATENT_SCALE), r0 + 1)
         m = torch.zeros(h, w, dtype=torch.bool)
@@ -282,8 +283,8 @@ def user_mask(spec: Any, image_size: tuple[int, int], name: str) -> Tensor:
         return F.avg_pool2d(torch.from_numpy((a >= 0.5).astype(np.float32))[None], LATENT_SCALE)[0] >= 0.5
     if a.shape == (h, w):
         return torch.from_numpy(a >= 0.5)
-    raise ValueError(f"concept {name!r}: mask of shape {tuple(a.shape)}; expected the image size (H, W) = {(H, W)} "
-                     f"or the latent size (H/8, W/8) = {(h, w)}")
+    raise MaskError(f"concept {name!r}: mask of shape {tuple(a.shape)}; expected the image size (H, W) = {(H, W)} "
+                    f"or the latent size (H/8, W/8) = {(h, w)}")
 
 
 def prepare_user_masks(specs: Optional[Sequence[Any]], image_size: tuple[int, int],
@@ -292,7 +293,7 @@ def prepare_user_masks(specs: Optional[Sequence[Any]], image_size: tuple[int, in
     if specs is None:
         return [None] * len(names)
     if len(specs) != len(names):
-        raise ValueError(f"{len(specs)} user masks for {len(names)} concepts; use None for concepts without one")
+        raise MaskError(f"{len(specs)} user masks for {len(names)} concepts; use None for concepts without one")
     return [None if s is None else user_mask(s, image_size, n) for s, n in zip(specs, names)]
 
 
@@ -305,7 +306,7 @@ class ConceptMasks:
     heatmaps: Tensor    # [k, H/8, W/8] normalised attention heat maps after the same-class split (zeros: none)
     names: list[str]
     found: list[bool]
-    sources: list[str]  # "attention" | "sam" | "user" per concept
+    sources: list[str]  # per concept: "attention", "split" (maps too alike: a split of the image), "sam" or "user"
 
     @property
     def skipped(self) -> list[str]:
@@ -322,11 +323,12 @@ def make_masks(names: Sequence[str], image_size: tuple[int, int], heatmaps: Opti
 
     heatmaps [k, h, w]: per-concept heat maps at any resolution with the image's aspect (token_heatmaps).
     A concept whose mask is empty or under min_area x the latent pixels (not found, or hidden entirely
-    behind concepts in front) gets a zero mask and a warning, or a ValueError when strict.
+    behind concepts in front) gets a zero mask and a warning, or a MaskError when strict. Concepts of different
+    classes whose maps are too alike get a split of the image (source "split") and a warning.
     """
     H, W = image_size
     if H % LATENT_SCALE or W % LATENT_SCALE or H <= 0 or W <= 0:
-        raise ValueError(f"image size {W}x{H} must be positive multiples of {LATENT_SCALE}")
+        raise MaskError(f"image size {W}x{H} must be positive multiples of {LATENT_SCALE}")
     k, h, w = len(names), H // LATENT_SCALE, W // LATENT_SCALE
     if k == 0:
         empty = torch.zeros(0, h, w)
@@ -336,35 +338,59 @@ def make_masks(names: Sequence[str], image_size: tuple[int, int], heatmaps: Opti
     heat = torch.zeros(k, h, w, device=device)
     if heatmaps is not None:
         if heatmaps.ndim != 3 or heatmaps.shape[0] != k or heatmaps.shape[1] * w != heatmaps.shape[2] * h:
-            raise ValueError(f"heatmaps of shape {tuple(heatmaps.shape)}; expected [{k}, h, w] with h:w = {h}:{w}")
+            raise MaskError(f"heatmaps of shape {tuple(heatmaps.shape)}; expected [{k}, h, w] with h:w = {h}:{w}")
         heat = normalize(F.interpolate(heatmaps.float()[None], (h, w), mode="bilinear", align_corners=False)[0])
-        heat = split_same_class(heat, same_region_groups(heat, classes, same_map_similarity), peak_distance)
+        groups = same_region_groups(heat, classes, same_map_similarity)
+        heat = split_same_class(heat, groups, peak_distance)
+        fallback = _warn_split_fallback(groups, names, classes, same_map_similarity)
     elif any(u is None for u in users):
-        raise ValueError("concepts without a user mask need attention heat maps: "
-                         + ", ".join(repr(n) for n, u in zip(names, users) if u is None))
+        raise MaskError("concepts without a user mask need attention heat maps: "
+                        + ", ".join(repr(n) for n, u in zip(names, users) if u is None))
+    else:
+        fallback = set()
     scores, masks = masks_from_attention(heat, threshold, component_ratio)
-    sources = ["attention"] * k
+    sources = ["split" if i in fallback else "attention" for i in range(k)]
     for i, u in enumerate(users):
         if u is not None:
             masks[i], scores[i], sources[i] = u.to(device), u.to(device).float() * USER_SCORE, "user"
     if sam is not None:
         if image is None:
-            raise ValueError("SAM refinement needs the stage-1 image")
-        active = [s == "attention" and bool(m.any()) for s, m in zip(sources, masks)]
+            raise MaskError("SAM refinement needs the stage-1 image")
+        active = [s in ("attention", "split") and bool(m.any()) for s, m in zip(sources, masks)]
         sam_masks, sam_scores = sam.refine(image, masks, [_anchor(m, s) for m, s in zip(masks, heat)], active)
         for i in (i for i in range(k) if active[i]):
             masks[i], scores[i], sources[i] = sam_masks[i], sam_scores[i], "sam"
     hard = grow(resolve_overlaps(masks, scores), scores, dilate_px)
     found = [int(m.sum()) >= max(1, math.ceil(min_area * h * w)) for m in hard]
-    why = lambda i: (f"empty {sources[i]} mask" if not masks[i].any() else "hidden behind other concepts"
-                     if not hard[i].any() else f"{int(hard[i].sum())} latent pixels < min_area {min_area:g}")
+    def why(i: int) -> str:
+        if not masks[i].any():
+            return f"empty {sources[i]} mask"
+        if not hard[i].any():
+            return "hidden behind other concepts"
+        return f"{int(hard[i].sum())} latent pixels < min_area {min_area:g}"
+
     missing = [f"{names[i]!r} ({why(i)})" for i in range(k) if not found[i]]
     if missing and strict:
-        raise ValueError("concept(s) not found in the stage-1 image: " + ", ".join(missing))
+        raise MaskError("concept(s) not found in the stage-1 image: " + ", ".join(missing))
     for m in missing:
         warnings.warn(f"concept {m} not found in the stage-1 image; it is skipped", stacklevel=2)
     hard &= torch.tensor(found, device=hard.device)[:, None, None]
     return ConceptMasks(feather(hard, feather_px), scores, heat, list(names), found, sources)
+
+
+def _warn_split_fallback(groups: Sequence[Sequence[int]], names: Sequence[str], classes: Optional[Sequence[str]],
+                         similarity: float) -> set[int]:
+    """The concepts of other classes whose maps were too alike to tell apart, so that their masks come from a
+    split of the image (split_same_class) rather than from their own attention; warns about each group."""
+    fallback: set[int] = set()
+    for g in groups:
+        if classes is not None and len({classes[i] for i in g}) == 1:
+            continue  # two concepts of one class: splitting is how they are told apart
+        fallback.update(g)
+        warnings.warn(f"the attention maps of {', '.join(repr(names[i]) for i in g)} are too alike to tell apart "
+                      f"(correlation >= {similarity:g}); their masks split the image between them instead "
+                      f"(mask source 'split'); give user masks or boxes, or a SAM checkpoint", stacklevel=3)
+    return fallback
 
 
 def _anchor(mask: Tensor, heat: Tensor) -> Optional[tuple[int, int]]:

@@ -5,14 +5,17 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from omg import checkpoint, keymap
 from omg.atomic import atomic_path
-from omg.errors import CheckpointError
+from omg.errors import CheckpointError, ModelError
+from omg.sampling import randn_cpu
 from omg.unet import UNet, UNetConfig
 from omg.vae import AutoencoderKL, VAEConfig
 
@@ -44,6 +47,46 @@ class SDXL:
             return 256
         extra = self.unet.config.adm_in_channels - self.text.clip_g.config.projection_dim
         return extra // 6
+
+    # -- what both samplers need: conditioning in, noise, images out ----------------------------------------
+    def conditioning(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]], height: int,
+                     width: int) -> tuple[Tensor, Tensor]:
+        """(context, y) for CFG, batched [uncond; cond] (2B first dim) on the UNet's device.
+
+        negative_prompts None gives all-zero uncond embeddings (diffusers force_zeros_for_empty_prompt, SGM
+        force_uc_zero_embeddings). Sizes: original = target = (height, width), crop (0, 0).
+        """
+        from omg.text import CHUNK, sdxl_vector  # lazily: omg.text pulls in open_clip and transformers
+
+        zero = negative_prompts is None
+        negatives = [""] * len(prompts) if zero else list(negative_prompts)
+        context, pooled = self.text.encode(list(prompts))
+        chunk = CHUNK + 2  # positions per chunk (BOS + 75 + EOS); both halves must hold as many chunks
+        neg_context, neg_pooled = self.text.encode(negatives, zero_if_empty=zero,
+                                                   min_chunks=context.shape[1] // chunk)
+        if neg_context.shape[1] > context.shape[1]:  # the negative prompt is the longer one
+            context, pooled = self.text.encode(list(prompts), min_chunks=neg_context.shape[1] // chunk)
+        embed_dim, rest = divmod(self.unet.config.adm_in_channels - pooled.shape[-1], 6)
+        if rest or embed_dim <= 0:
+            raise ModelError(f"the UNet's y width {self.unet.config.adm_in_channels} does not fit pooled text "
+                             f"of width {pooled.shape[-1]} plus six size embeddings")
+        size = (height, width)
+        y = sdxl_vector(torch.cat([neg_pooled, pooled]), size, (0, 0), size, embed_dim=embed_dim)
+        return torch.cat([neg_context, context]).to(self.device), y.to(self.device)
+
+    def noise(self, generators: Sequence[torch.Generator], height: int, width: int) -> Tensor:
+        """Initial latents (B, C, H/f, W/f) fp32 on the UNet's device, image b drawn on the CPU from generators[b]
+        (seeded per image): a seed gives the same image on any device and in any batch."""
+        f = self.vae.config.downscale
+        shape = (len(generators), self.unet.config.in_channels, height // f, width // f)
+        return randn_cpu(shape, list(generators), device=self.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> list[Image.Image]:
+        """VAE-decode latents and convert [-1, 1] to 8-bit RGB PIL images."""
+        images = self.vae.decode(latents).float().clamp(-1, 1)
+        pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
 
     def components(self) -> dict[str, nn.Module]:
         return {k: m for k, m in (("unet", self.unet), ("vae", self.vae), ("text", self.text)) if m is not None}
@@ -122,7 +165,7 @@ def load_sdxl(path: Union[str, os.PathLike], device: Union[str, torch.device] = 
     VAE's safe dtype for dtype, i.e. bf16 on CUDA / fp32 on CPU instead of fp16).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, not {dtype!r}")
+        raise ModelError(f"dtype must be a floating torch.dtype, not {dtype!r}")
     device = torch.device(device)
     vae_dtype = AutoencoderKL.safe_dtype(vae_dtype or dtype, device)
     with checkpoint.open_checkpoint(path) as ckpt:

@@ -1,4 +1,4 @@
-"""segment-anything refinement of the concept masks (the segment_anything package is imported only when a SamRefiner is built)."""
+"""segment-anything refinement of the concept masks (segment_anything is imported only when a SamRefiner is built)."""
 from __future__ import annotations
 
 import itertools
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from omg.errors import CheckpointError
+from omg.errors import CheckpointError, MaskError
 
 LATENT_SCALE = 8  # SDXL's VAE: one latent pixel per 8x8 image pixels
 SAM_TYPES = {12: "vit_b", 24: "vit_l", 32: "vit_h"}  # image-encoder depth -> segment-anything model type
@@ -43,13 +43,16 @@ class SamRefiner:
         array = image_array(image)
         k, h, w = masks.shape
         if array.shape[:2] != (h * LATENT_SCALE, w * LATENT_SCALE):
-            raise ValueError(f"stage-1 image is {array.shape[1]}x{array.shape[0]}, expected "
-                             f"{w * LATENT_SCALE}x{h * LATENT_SCALE} for latent masks of {w}x{h}")
+            raise MaskError(f"stage-1 image is {array.shape[1]}x{array.shape[0]}, expected "
+                            f"{w * LATENT_SCALE}x{h * LATENT_SCALE} for latent masks of {w}x{h}")
         out_masks, out_scores = torch.zeros(k, h, w, dtype=torch.bool), torch.zeros(k, h, w)
         if not any(active):
             return out_masks, out_scores
         self.predictor.set_image(array)
-        px = lambda yx: [(yx[1] + 0.5) * LATENT_SCALE, (yx[0] + 0.5) * LATENT_SCALE]  # latent (y, x) -> pixel (x, y)
+
+        def px(yx: tuple[int, int]) -> list[float]:  # latent (y, x) -> pixel (x, y)
+            return [(yx[1] + 0.5) * LATENT_SCALE, (yx[0] + 0.5) * LATENT_SCALE]
+
         for i in range(k):
             if not active[i]:
                 continue
@@ -102,5 +105,5 @@ def image_array(image: Any) -> np.ndarray:
     if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
         a = a.transpose(1, 2, 0)
     if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
-        raise ValueError(f"image must be PIL or uint8 HxWx3, got {a.dtype} array of shape {a.shape}")
+        raise MaskError(f"image must be PIL or uint8 HxWx3, got {a.dtype} array of shape {a.shape}")
     return np.ascontiguousarray(a)

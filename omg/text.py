@@ -3,7 +3,8 @@
 CLIP-L runs as transformers' CLIPTextModel and bigG as open_clip's TextTransformer, both built from a
 config here (nothing is downloaded). Their state-dict keys are the SGM single-file keys without the
 component prefixes in SGM_PREFIXES. Context = [penultimate CLIP-L ‖ penultimate bigG] with no final
-norm; pooled = ln_final(bigG)[EOT] @ text_projection (sdxl-formats.md §6).
+norm; pooled = ln_final(bigG)[EOT] @ text_projection (SGM's FrozenCLIPEmbedder and
+FrozenOpenCLIPEmbedder2 with layer="penultimate").
 """
 from __future__ import annotations
 
@@ -66,9 +67,11 @@ class TextEncoderConfig:
         to the layout's SDXL value. Raises KeyError for a key every encoder of the layout has.
         """
         if "text_model.embeddings.token_embedding.weight" in sd:
-            tok, pos = sd["text_model.embeddings.token_embedding.weight"], sd["text_model.embeddings.position_embedding.weight"]
+            tok = sd["text_model.embeddings.token_embedding.weight"]
+            pos = sd["text_model.embeddings.position_embedding.weight"]
             layers = _count(sd, r"text_model\.encoder\.layers\.(\d+)\.")
-            mlp, projection_dim, default_act = sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0], None, "quick_gelu"
+            mlp = sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+            projection_dim, default_act = None, "quick_gelu"
         else:
             tok, pos = sd["token_embedding.weight"], sd["positional_embedding"]
             layers = _count(sd, r"transformer\.resblocks\.(\d+)\.")

@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import kernels
+from omg.errors import ModelError, UnknownLayerError
 
 # processor(layer, x, context) -> output of the layer (after to_out); context is None for self-attention.
 AttentionProcessor = Callable[["Attention", Tensor, Optional[Tensor]], Tensor]
@@ -246,7 +247,7 @@ class UNet(nn.Module):
         self.config = cfg = config
         mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.time_embed_dim
         if len(cfg.transformer_depth) != len(cfg.channel_mult):
-            raise ValueError(f"transformer_depth {cfg.transformer_depth} needs one entry per level "
+            raise ModelError(f"transformer_depth {cfg.transformer_depth} needs one entry per level "
                              f"of channel_mult {cfg.channel_mult}")
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Sequential(nn.Sequential(
@@ -293,7 +294,7 @@ class UNet(nn.Module):
     def attention_layers(self, kind: Optional[str] = None) -> dict[str, Attention]:
         """Attention layers by SGM path; kind = "self" (attn1), "cross" (attn2) or None for both."""
         if kind not in (None, "self", "cross"):
-            raise ValueError(f"kind must be 'self', 'cross' or None, not {kind!r}")
+            raise ModelError(f"kind must be 'self', 'cross' or None, not {kind!r}")
         return {name: m for name, m in self.named_modules() if isinstance(m, Attention)
                 and (kind is None or m.is_cross == (kind == "cross"))}
 
@@ -307,7 +308,8 @@ class UNet(nn.Module):
         if paths is not None:
             unknown = sorted(set(paths) - set(layers))
             if unknown:
-                raise KeyError(f"no {kind or ''} attention layer at {unknown[:5]}")
+                raise UnknownLayerError(f"no {kind or ''} attention layer at {unknown[:5]}; the layers are SGM "
+                                        f"paths such as {next(iter(layers), '(none)')!r}")
             layers = {p: layers[p] for p in paths}
         for layer in layers.values():
             layer.processor = processor

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from omg.attention import AttentionControl, attention_probs
+from omg.attention import AttentionControl, RowLayout, attention_probs
 from omg.unet import UNet, UNetConfig
 
 
@@ -49,18 +49,17 @@ def test_replay_equals_in_batch_copy(store):
         ref = unet(torch.cat([z_tgt, z_src, z_tgt]), t, torch.cat([uncond, cond, cond]), y[[0, 1, 1]])
     unet.set_attention_processor(None)
 
-    control = AttentionControl(unet, store=store, steps=[7], store_dtype=torch.float32)
+    control = AttentionControl(unet, store=store, replay_calls=[7], store_dtype=torch.float32)
     with control, torch.no_grad():
         if store == "recompute":
-            control.mode, control.step = "replay", 7
-            control.cond_rows, control.source_rows = slice(2, 3), slice(1, 2)
+            control.set_call("replay", 7, RowLayout(images=1, with_source=True))
             out = unet(torch.cat([z_tgt, z_src, z_tgt]), t, torch.cat([uncond, cond, cond]), y[[0, 1, 1]])
             out = out[[0, 2]]
         else:
-            control.mode, control.step, control.cond_rows = "capture", 7, slice(1, 2)
+            control.set_call("capture", 7, RowLayout(images=1))
             unet(torch.cat([z_src, z_src]), t, torch.cat([uncond, cond]), y)
             assert control.stored_bytes() > 0
-            control.mode = "replay"
+            control.set_call("replay", 7, RowLayout(images=1))
             out = unet(torch.cat([z_tgt, z_tgt]), t, torch.cat([uncond, cond]), y)
     assert (out - ref[[0, 2]]).abs().max().item() <= 1e-5
     # and the replay changed something: the target's own attention gives another result
@@ -75,11 +74,11 @@ def test_replay_of_unchanged_latent_is_identity():
     batch, ctx = torch.cat([z, z]), torch.cat([uncond, cond])
     with torch.no_grad():
         plain = unet(batch, 10.0, ctx, y)
-        control = AttentionControl(unet, steps=[0], self_replay_steps=[0])
+        control = AttentionControl(unet, replay_calls=[0], self_replay_calls=[0])
         with control:
-            control.mode, control.step, control.cond_rows = "capture", 0, slice(1, 2)
+            control.set_call("capture", 0, RowLayout(images=1))
             captured = unet(batch, 10.0, ctx, y)
-            control.mode = "replay"
+            control.set_call("replay", 0, RowLayout(images=1))
             replayed = unet(batch, 10.0, ctx, y)
     assert torch.equal(plain, captured)
     # bf16 store: the replayed rows carry bf16 rounding of the attention outputs
@@ -91,7 +90,7 @@ def test_heatmaps_follow_token_attention():
     z, cond, uncond, y = inputs(unet.config, 3)
     control = AttentionControl(unet, heatmap_tokens=[1, 4], latent_hw=(16, 24))
     with control, torch.no_grad():
-        control.mode, control.step, control.cond_rows = "capture", 0, slice(1, 2)
+        control.set_call("capture", 0, RowLayout(images=1))
         unet(torch.cat([z, z]), 10.0, torch.cat([uncond, cond]), y)
     maps = control.heatmaps.result()
     assert maps.shape == (2, 16, 24)

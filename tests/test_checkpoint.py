@@ -94,7 +94,8 @@ def write_diffusers(model: SDXL, folder: str, shard_unet: bool = False, bare_cli
         if bare_clip_l:  # transformers 5 saves CLIPTextModel without the text_model. head
             clip_l = {k[len("text_model."):]: t for k, t in clip_l.items()}
         clip_g = keymap.clip_g_to_hf(model.text.clip_g.state_dict())
-        for sub, sd, enc in (("text_encoder", clip_l, model.text.clip_l), ("text_encoder_2", clip_g, model.text.clip_g)):
+        encoders = (("text_encoder", clip_l, model.text.clip_l), ("text_encoder_2", clip_g, model.text.clip_g))
+        for sub, sd, enc in encoders:
             os.makedirs(f"{folder}/{sub}")
             save_file({k: t.contiguous() for k, t in sd.items()}, f"{folder}/{sub}/model.safetensors")
             with open(f"{folder}/{sub}/config.json", "w") as f:
@@ -127,7 +128,7 @@ def expect_error(path, *names):
     return message
 
 
-# ---------------------------------------------------------------------------------------------- full SDXL layout on meta
+# ------------------------------------------------------------------------------------- full SDXL layout on meta
 
 def test_sdxl_modules_on_meta_have_exactly_the_manifest_keys_and_shapes():
     with torch.device("meta"):
@@ -151,7 +152,8 @@ def test_loader_maps_every_key_of_the_sgm_layout():
               "conditioner.embedders.1.model.logit_scale": [], "denoiser.sigmas": [1000]}
     with C.checkpoint_from_source(C.MetaSource(meta_tensors({**shapes, **extras}), "x.safetensors")) as ckpt:
         C.plan_checkpoint(ckpt)
-    with C.checkpoint_from_source(C.MetaSource(meta_tensors({**shapes, "model_ema.decay": []}), "x.safetensors")) as ckpt:
+    source = C.MetaSource(meta_tensors({**shapes, "model_ema.decay": []}), "x.safetensors")
+    with C.checkpoint_from_source(source) as ckpt:
         with pytest.raises(CheckpointError, match="model_ema.decay"):
             C.plan_checkpoint(ckpt)
 
@@ -195,8 +197,9 @@ def test_loader_maps_every_key_of_the_diffusers_layout():
                            scaling_factor=0.13025)
         te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                            num_attention_heads=12, hidden_act="quick_gelu"))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                         num_hidden_layers=32, num_attention_heads=20,
+                                                         hidden_act="gelu", projection_dim=1280))
     # the HF SDXL repo stores CLIP-L with the text_model. head (transformers 4 layout)
     te1_sd = {("" if k.startswith("text_model.") else "text_model.") + k: t for k, t in te1.state_dict().items()}
     sources = {"unet": C.MetaSource(unet.state_dict(), "unet.safetensors"),
@@ -293,7 +296,8 @@ def test_sgm_file_loads_in_half_precision_with_a_safe_vae(tiny, tiny_file):
 def test_reader_matches_the_safetensors_package(tmp_path):
     tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3).bfloat16(),
                "f8": torch.randn(9).to(torch.float8_e4m3fn), "f8b": torch.randn(4).to(torch.float8_e5m2),
-               "i64": torch.arange(5), "bool": torch.tensor([True, False, True]), "u8": torch.arange(3, dtype=torch.uint8),
+               "i64": torch.arange(5), "bool": torch.tensor([True, False, True]),
+               "u8": torch.arange(3, dtype=torch.uint8),
                "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "f64": torch.randn(2, dtype=torch.float64)}
     path = str(tmp_path / "mixed.safetensors")
     save_file(tensors, path)

@@ -75,6 +75,6 @@ def test_without_demo_weights_falls_back_to_a_random_model(tmp_path, monkeypatch
     monkeypatch.setattr(cli, "DEMO_CHECKPOINT", str(tmp_path / "missing.safetensors"))
     out = tmp_path / "r.png"
     with pytest.warns(UserWarning, match="RANDOM"):
-        rc = cli.main(["generate", "--prompt", "a dog", "--steps", "2", "--blend-steps", "1", "--height", "64", "--width", "64",
-                       "--out", str(out), "--no-progress"])
+        rc = cli.main(["generate", "--prompt", "a dog", "--steps", "2", "--blend-steps", "1", "--height", "64",
+                       "--width", "64", "--out", str(out), "--no-progress"])
     assert rc == 0 and json.loads(Image.open(out).text["parameters"])["checkpoint"] == "random-tiny"

@@ -70,7 +70,8 @@ def mutate(blob: bytes, rng: random.Random) -> tuple[str, bytes]:
         out[i] ^= rng.randrange(1, 256)
         return f"flip length byte {i}", bytes(out)
     if kind == "length":
-        value = rng.choice([n + rng.randint(-40, 40), 0, 1, len(blob), len(blob) - 8, 2 ** 64 - 1, rng.randrange(2 ** 64)])
+        value = rng.choice([n + rng.randint(-40, 40), 0, 1, len(blob), len(blob) - 8, 2 ** 64 - 1,
+                            rng.randrange(2 ** 64)])
         return f"header length {value}", (value % 2 ** 64).to_bytes(8, "little") + blob[8:]
     if kind == "dtype":
         entry["dtype"] = rng.choice(DTYPES)

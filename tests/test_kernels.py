@@ -1,8 +1,9 @@
 """Triton kernels (kernels/) against their PyTorch references.
 
 CPU: the Triton kernels run under TRITON_INTERPRET=1 in a child pytest process (`test_interpreted_kernels`
-runs this file's and test_unet_kernels.py's `test_interp_*` there): triton picks the interpreter when it decorates a kernel, which may
-already have happened in this process, and the setting must not leak into GPU runs. Tiny shapes, ~10 s.
+runs this file's and test_unet_kernels.py's `test_interp_*` there): triton picks the interpreter when it decorates a
+kernel, which may already have happened in this process, and the setting must not leak into GPU runs. Tiny shapes,
+~10 s.
 The references are checked against omg.attention / omg.pipeline semantics in-process.
 GPU (-m gpu): SDXL shapes (64x64 layer N=4096 h=10, 32x32 layer N=1024 h=20), batch 2 and 12, fp16 and bf16.
 
@@ -83,7 +84,8 @@ def assert_maps_close(maps, ref):
 def test_interpreted_kernels():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("OMG_DISABLE_TRITON", None)
-    files = [os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_unet_kernels.py")]
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = [os.path.abspath(__file__), os.path.join(here, "test_unet_kernels.py")]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
                              "-k", "interp_", "-m", "not gpu"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=900)
@@ -234,7 +236,7 @@ class KernelCapture:
 
 def check_unet_capture(device, dtype, tol):
     """kernels.capture inside the tiny UNet gives AttentionControl(store="maps")'s maps and heat maps."""
-    from omg.attention import AttentionControl
+    from omg.attention import AttentionControl, RowLayout
     from omg.unet import UNet, UNetConfig
     torch.manual_seed(0)
     unet = UNet(UNetConfig.tiny()).eval()
@@ -247,10 +249,10 @@ def check_unet_capture(device, dtype, tol):
     ctx = torch.randn(2, 9, unet.config.context_dim, generator=gen).to(device, dtype)
     y = torch.randn(2, unet.config.adm_in_channels, generator=gen).to(device, dtype)
     tokens = [1, 4]
-    control = AttentionControl(unet, "maps", steps=[0], store_dtype=torch.bfloat16, heatmap_tokens=tokens,
+    control = AttentionControl(unet, "maps", replay_calls=[0], store_dtype=torch.bfloat16, heatmap_tokens=tokens,
                                latent_hw=(16, 24))
     with control, torch.no_grad():
-        control.mode, control.step, control.cond_rows = "capture", 0, slice(1, 2)
+        control.set_call("capture", 0, RowLayout(images=1))
         ref = unet(x, 10.0, ctx, y)
     proc = KernelCapture(slice(1, 2), torch.tensor(tokens, dtype=torch.int32), "bf16")
     unet.set_attention_processor(proc, kind="cross")

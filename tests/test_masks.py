@@ -112,6 +112,24 @@ def test_identical_maps_are_split_even_without_class_names():
     assert (res.masks[0] > 0)[8, 16] and (res.masks[1] > 0)[25, 16] and no_double_owner(res.masks)
 
 
+def test_too_similar_maps_of_two_classes_warn_and_say_split():
+    """The split of the image between two classes' indistinguishable maps is a fallback: it warns, and each mask
+    records how it was made; two concepts of one class are split without a warning (that is how they differ)."""
+    two = blob(32, 32, 8, 16, 3) + blob(32, 32, 25, 16, 3)
+    with pytest.warns(UserWarning, match=r"'man', 'woman'.* too alike.*split"):
+        res = M.make_masks(["man", "woman"], (256, 256), torch.stack([two, two]), classes=["man", "woman"])
+    assert res.sources == ["split", "split"] and all(res.found)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = M.make_masks(["man A", "man B"], (256, 256), torch.stack([two, two]), classes=["man", "man"])
+        apart = M.make_masks(["man", "woman"], (256, 256), torch.stack([blob(32, 32, 8, 16, 3),
+                                                                        blob(32, 32, 25, 16, 3)]))
+    assert same.sources == ["attention", "attention"] and apart.sources == ["attention", "attention"]
+    box = M.make_masks(["man", "woman"], (256, 256), torch.stack([two, two]), classes=["man", "woman"],
+                       user_masks=[(0, 0, 64, 64), None])
+    assert box.sources == ["user", "split"]
+
+
 # -------------------------------------------------------------------------------------------- user masks
 
 def test_user_box_and_masks_override_attention():

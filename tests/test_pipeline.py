@@ -15,7 +15,7 @@ from omg.masks import SamRefiner
 from omg.model import SDXL
 from omg.pipeline import DEFAULT_NEGATIVE
 from omg.sampling import NoiseSchedule, apply_guidance, run_sampler
-from omg.txt2img import sample_latents, sdxl_conditioning
+from omg.txt2img import sample_latents
 from omg.vae import VAEConfig
 
 H, W = 64, 96  # latent 8 x 12
@@ -107,7 +107,7 @@ def test_full_mask_concept_is_that_concept_models_own_trajectory(model, tmp_path
     assert r.masks.shape == (1, H // 8, W // 8) and bool((r.masks == 1).all())
     schedule = NoiseSchedule.sdxl()
     with text_encoder_lora(model.text, (lora, 0.8)):
-        ctx, y = sdxl_conditioning(model, [concept.prompt], ["bad"], H, W)
+        ctx, y = model.conditioning([concept.prompt], ["bad"], H, W)
     with merged_lora(model.unet, (lora, 0.8)):
         def eps_fn(x, t):
             u, c = model.unet(torch.cat([x, x]), torch.cat([t, t]), ctx, y).chunk(2)
@@ -170,8 +170,8 @@ def test_bad_input_is_rejected_before_sampling(model, tmp_path, monkeypatch):
     man = omg.Concept("man", "a photo of sks man")
     with pytest.raises(ValueError, match="dog"):
         run(model, [omg.Concept("dog", "a photo of sks dog")])
-    sd15 = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
-            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(320, 4)}
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    sd15 = {key + ".lora_down.weight": torch.zeros(4, 768), key + ".lora_up.weight": torch.zeros(320, 4)}
     save_file(sd15, str(tmp_path / "sd15.safetensors"))
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     with pytest.raises(LoraError):

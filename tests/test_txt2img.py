@@ -9,7 +9,7 @@ from omg.errors import SamplingError
 from omg.model import SDXL
 from omg.sampling import randn_cpu
 from omg.text import SDXLTextEncoder
-from omg.txt2img import sample, sample_latents, sdxl_conditioning
+from omg.txt2img import sample, sample_latents
 from omg.unet import UNet, UNetConfig
 from omg.vae import AutoencoderKL, VAEConfig
 
@@ -60,7 +60,7 @@ def test_ddim_matches_a_diffusers_scheduler_loop_over_the_same_unet(tiny):
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                           timestep_spacing="leading", set_alpha_to_one=False, clip_sample=False)
     sched.set_timesteps(steps)
-    context, y = sdxl_conditioning(tiny, ["a red house"], ["ugly"], H, W)
+    context, y = tiny.conditioning(["a red house"], ["ugly"], H, W)
     x = randn_cpu((1, 4, 8, 8), [torch.Generator().manual_seed(seed)])
     with torch.no_grad():
         for t in sched.timesteps:
@@ -83,7 +83,7 @@ def test_negative_prompt_and_samplers_change_the_result(tiny):
 def test_prompts_over_75_tokens_on_either_side(tiny):
     long = "a photo of " + "very " * 90 + "red house"
     for prompt, negative in ((long, "blurry"), ("a cat", long), (long, None)):
-        context, y = sdxl_conditioning(tiny, [prompt], None if negative is None else [negative], H, W)
+        context, y = tiny.conditioning([prompt], None if negative is None else [negative], H, W)
         assert context.shape[:2] == (2, 2 * 77) and y.shape == (2, tiny.unet.config.adm_in_channels)
         assert (not context[0].any()) == (negative is None)  # no negative prompt: zero uncond context
     assert torch.isfinite(sample_latents(tiny, long, "ugly", steps=1, height=H, width=W, progress=False)).all()
@@ -97,8 +97,9 @@ def test_callback_sees_every_step(tiny):
 
 
 def test_bad_arguments_are_rejected(tiny):
-    with pytest.raises(SamplingError, match="multiples of 16"):
-        sample_latents(tiny, "a cat", steps=2, height=40, width=W, progress=False)
+    # one size rule with omg.generate: multiples of the VAE's downscale (4 for this tiny VAE), whatever the UNet
+    with pytest.raises(SamplingError, match="multiples of 4"):
+        sample_latents(tiny, "a cat", steps=2, height=42, width=W, progress=False)
     with pytest.raises(SamplingError, match="negative prompts"):
         sample_latents(tiny, ["a", "b"], ["x", "y", "z"], steps=2, height=H, width=W, progress=False)
     with pytest.raises(SamplingError, match="no vae"):

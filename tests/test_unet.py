@@ -49,7 +49,8 @@ def pair():
     return cfg, ours, theirs
 
 
-@pytest.mark.parametrize("batch,height,width,t", [(1, 16, 16, 999.0), (2, 16, 24, 17.0), (3, 24, 8, 500.0), (2, 13, 7, 250.0)])
+@pytest.mark.parametrize("batch,height,width,t",
+                         [(1, 16, 16, 999.0), (2, 16, 24, 17.0), (3, 24, 8, 500.0), (2, 13, 7, 250.0)])
 def test_matches_diffusers(pair, batch, height, width, t):
     cfg, ours, theirs = pair
     gen = torch.Generator().manual_seed(batch * 100 + height)

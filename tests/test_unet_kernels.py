@@ -126,7 +126,8 @@ def test_gpu_unet_with_fused_kernels_matches_torch_ops(dtype, monkeypatch):
         for p in unet.parameters():
             p.normal_(0, 0.05)  # 0.2 overflows fp16 in this random net
     g = torch.Generator().manual_seed(1)
-    x, ctx, y = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 7, 48, generator=g), torch.randn(2, 64, generator=g)
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    ctx, y = torch.randn(2, 7, 48, generator=g), torch.randn(2, 64, generator=g)
     t = torch.tensor([10.0, 700.0])
     with torch.no_grad():
         monkeypatch.setenv("OMG_DISABLE_TRITON", "1")

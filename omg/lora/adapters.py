@@ -1,6 +1,6 @@
 """Per-module adapters of the community LoRA formats, each able to produce its weight delta ΔW in fp32.
 
-Formulas (sdxl-formats.md §5; kohya networks/lora.py, LyCORIS modules/{locon,loha,lokr}.py, ComfyUI lora.py):
+Formulas (kohya networks/lora.py, LyCORIS modules/{locon,loha,lokr}.py, ComfyUI lora.py):
   LowRank (kohya LoRA/LoCon, PEFT, old diffusers):  ΔW = alpha/r · up @ down          (r = down.shape[0])
       with Tucker (lora_mid):                        ΔW = alpha/r · einsum(mid, down, up)
   LoHa:  ΔW = alpha/r · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)  (r = w1_b.shape[0]); Tucker factors via hada_t1/t2

@@ -1,7 +1,7 @@
 """Reading LoRA files: every key is split into (module name as spelled in the file, format part), and the
 parts of each module are assembled into one adapter (adapters.py).
 
-Key spellings recognised (sdxl-formats.md §5; ComfyUI comfy/lora.py load_lora):
+Key spellings recognised (those of ComfyUI's comfy/lora.py load_lora):
   kohya / LyCORIS LoCon   <name>.lora_up.weight  .lora_down.weight  .lora_mid.weight  .alpha  .dora_scale
   PEFT / diffusers        <name>.lora_B.weight  .lora_A.weight  (.lora_magnitude_vector: PEFT DoRA)
   old diffusers           <name>_lora.up.weight (…processor.to_q_lora.up.weight), <name>.lora.up.weight,

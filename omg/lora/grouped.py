@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from omg.errors import LoraError
 from omg.lora.adapters import LowRank
 from omg.lora.merge import Patch
 from omg.lora.unmerged import delta_fns, hookable, patches_by_module
@@ -145,7 +146,7 @@ class GroupedLora:
         """Hooks on the root for calls laid out as [first_row base rows, then members' row blocks]."""
         members = range(self.count) if members is None else members
         if members.step != 1 or members.start < 0 or members.stop > self.count:
-            raise ValueError(f"members must be a consecutive range within {self.count} concepts, got {members}")
+            raise LoraError(f"members must be a consecutive range within {self.count} concepts, got {members}")
         rows = slice(first_row, first_row + self.rows_per_concept * len(members))
         handles = []
 
@@ -153,8 +154,8 @@ class GroupedLora:
             def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
                 x = args[0]
                 if x.shape[0] != rows.stop:
-                    raise ValueError(f"a grouped LoRA call needs {rows.stop} rows "
-                                     f"({first_row} + {self.rows_per_concept} x {len(members)}), got {x.shape[0]}")
+                    raise LoraError(f"a grouped LoRA call needs {rows.stop} rows "
+                                    f"({first_row} + {self.rows_per_concept} x {len(members)}), got {x.shape[0]}")
                 layer.add(x[rows], out[rows], members)  # a fresh layer output: safe to update in place
                 return out
             return hook

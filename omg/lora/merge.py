@@ -14,12 +14,12 @@ omg.generate's default is neither: GroupedLora (grouped.py) keeps every concept'
 weights and runs the base and all concept passes of a step as one batched call (an H100 k=2 image: 10.0 GiB
 peak against 18.0 with merged concepts, 4 % slower; bench/results/omg_grouped_h100.json).
 ConceptWeights + applied() is its lora_mode="merged" and this module's default. A concept pass then runs the
-plain UNet at full speed (no extra FLOPs, no hooks) and switching concepts costs a pointer swap per touched tensor (~1 ms in and out for
-369 tensors), whereas unmerged deltas add FLOPs and launches to every pass (+28% per forward on the CPU
-mid config below; PEFT-style adapters: 183 ms vs 85.6 ms per batch-2 SDXL pass, perf-anchors §7) and the
-in-place mode re-merges on every switch (0.41 s merge + restore on the CPU mid config). Its price is
-memory, exactly the touched tensors: 4.1 GiB fp16 for a LoRA on all 722 kohya SDXL targets (1.8 GiB
-attention-only), 16 GiB for 4 such concepts on an 80 GB card. When that does not fit, use UnmergedLora
+plain UNet at full speed (no extra FLOPs, no hooks) and switching concepts costs a pointer swap per touched
+tensor (~1 ms in and out for 369 tensors), whereas unmerged deltas add FLOPs and launches to every pass (+28%
+per forward on the CPU mid config below; PEFT-style adapters, as the original code's schedule runs them in
+bench/reference.py) and the in-place mode re-merges on every switch (0.41 s merge + restore on the CPU mid
+config). Its price is memory, exactly the touched tensors: 4.1 GiB fp16 for a LoRA on all 722 kohya SDXL targets
+(1.8 GiB attention-only), 16 GiB for 4 such concepts on an 80 GB card. When that does not fit, use UnmergedLora
 (rank-64 factors: 325 MiB per concept on SDXL) or merge_lora_ with backup_device="cpu".
 torch.func.functional_call (``call``) gives the same result without touching the module, at a higher
 per-call cost (+13 ms vs +3 ms per forward on the CPU mid config with 8x8 latents).

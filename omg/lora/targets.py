@@ -4,7 +4,7 @@ Every Linear/Conv2d of the UNet is entered under each spelling a LoRA file may u
 underscore name of its SGM path and of its diffusers path, PEFT "unet.<diffusers path>" with and
 without ".processor", LyCORIS "lycoris_…", raw paths). Text-encoder entries are built from the
 encoders' parameter names; bigG's fused attention gets one entry per q/k/v row slice of in_proj_weight.
-Names are never turned back from underscores into dots (sdxl-formats.md §5: that is ambiguous).
+Names are never turned back from underscores into dots (that is ambiguous: kohya spells both as "_").
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from torch import nn
+
+from omg.errors import LoraError
 
 TEXT_FAMILIES = {"te1": ("lora_te1_", "lora_te_", "text_encoder."), "te2": ("lora_te2_", "text_encoder_2.")}
 
@@ -66,7 +68,7 @@ def target_table(root: nn.Module) -> TargetTable:
             fams = {f for f, attr in (("te1", "clip_l"), ("te2", "clip_g")) if hasattr(root, attr)}
             _CACHE[root] = TargetTable(text_targets(root), frozenset(fams))
         else:
-            raise TypeError(f"LoRA targets are known for omg.unet.UNet and the SDXL text encoder, "
+            raise LoraError(f"LoRA targets are known for omg.unet.UNet and the SDXL text encoder, "
                             f"not {type(root).__name__}")
     return _CACHE[root]
 

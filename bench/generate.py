@@ -8,33 +8,27 @@ same weights (--unet).
 
 Random weights make the attention masks meaningless, so each concept gets a user box (a strip of the image):
 the work per step is what real masks would cost.
-Run on the GPU machine:  python -m bench.omg [--concepts 1 2 5] [--merged-k 2] [--reference] [--unet]
-Writes bench/results/omg_<gpu>.json.
+Run on the GPU machine:  python -m bench.generate [--concepts 1 2 5] [--merged-k 2] [--reference] [--unet]
+Writes bench/results/<name>_<gpu>.json (--name, default omg: the results of this bench are the omg_* files).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import os
-import sys
+from typing import Optional
 
-if __package__ in (None, ""):  # run as a file: bench/ on sys.path would shadow the omg package with this file
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+import torch
 
-from typing import Optional  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.common import DTYPES, device_name, time_ms, write_json  # noqa: E402
-from bench.lora import kohya_lora, random_unet  # noqa: E402
-from omg.graphs import GraphedCall  # noqa: E402
-from omg.lora import bind, load_lora  # noqa: E402
-from omg.model import SDXL  # noqa: E402
-from omg.pipeline import Concept, generate  # noqa: E402
-from omg.text import SDXLTextEncoder  # noqa: E402
-from omg.unet import UNetConfig  # noqa: E402
-from omg.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from bench.common import DTYPES, device_name, time_ms, write_json
+from bench.lora import kohya_lora, random_unet
+from omg.graphs import GraphedCall
+from omg.lora import bind, load_lora
+from omg.model import SDXL
+from omg.pipeline import Concept, generate
+from omg.text import SDXLTextEncoder
+from omg.unet import UNetConfig
+from omg.vae import AutoencoderKL, VAEConfig
 
 TFLOP_PER_EVAL = 6.76  # one UNet forward at batch 1, 1024x1024 (torch FLOP counter)
 H100_BF16_DENSE = 989.0
@@ -82,7 +76,8 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
                utilisation=round(result.unet_evaluations * TFLOP_PER_EVAL / seconds / H100_BF16_DENSE, 3))
     if keep is not None:
         keep[(k, store, self_replay, graphs, lora_mode)] = result.latent
-    print(f"k={k} {lora_mode} store={store:9s} self-replay {self_replay} graphs {row['cuda_graphs']:d}: {seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
+    print(f"k={k} {lora_mode} store={store:9s} self-replay {self_replay} graphs {row['cuda_graphs']:d}: "
+          f"{seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
           f"stage2 {t['stage2']:.2f}, decode {t['decode'] + t['decode_stage1']:.2f}, setup {t['setup']:.2f}); "
           f"{result.unet_evaluations} evals; peak {row['peak_gib']:.2f} GiB; store {row['store_gib']:.2f} GiB; "
           f"utilisation {row['utilisation']:.1%}", flush=True)
@@ -185,10 +180,10 @@ def main() -> None:
         if 2 in by_k:
             summary["k2_speedup_vs_reference"] = round(extra["reference"]["total_s"] / by_k[2]["seconds"], 3)
     print(summary)
+    note = ("random weights; user boxes as masks; PyTorch eager kernels, each repeated UNet call replayed as a CUDA "
+            "graph where cuda_graphs is true")
     path = write_json(args.name, {**extra, "steps": args.steps, "blend_steps": args.blend_steps, "dtype": args.dtype,
-                              "resolution": 1024, "lora_rank": 64, "rows": rows, "summary": summary,
-                              "note": "random weights; user boxes as masks; PyTorch eager kernels, each repeated UNet call "
-                                      "replayed as a CUDA graph where cuda_graphs is true"})
+                                  "resolution": 1024, "lora_rank": 64, "rows": rows, "summary": summary, "note": note})
     print("wrote", path, "on", device_name())
 
 

@@ -1,0 +1,84 @@
+"""OMG stage 1: the global prompt with the base model, recording what stage 2 needs (omg.pipeline's first half).
+
+Every model call of the sampler runs the base UNet in capture mode (the class tokens' heat maps accumulate
+over all calls; the replay store keeps the blending calls). What the record keeps per call of the schedule:
+the guided noise prediction of each call before the blend start (stage 2 answers those calls with it), and
+for store="recompute" the latent of each blending call (stage 2 carries it through its base pass).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from omg.attention import AttentionControl, RowLayout
+from omg.graphs import GraphedCall
+from omg.sampling import NoiseSchedule, StepInfo, guided_eps, run_sampler, unet_eps_fn
+from omg.schedule import CallSchedule
+
+
+@dataclass
+class Stage1Record:
+    """What stage 1 leaves for stage 2, by model-call index of `schedule`."""
+    schedule: CallSchedule
+    control: AttentionControl  # holds the replay store and the heat maps
+    sigmas: Tensor  # the run's sigmas (fp64, CPU)
+    noise: Tensor  # the initial latents (B, C, h, w), VP
+    eps: dict[int, Tensor] = field(default_factory=dict)  # guided predictions of the calls before the blend start
+    latents: dict[int, Tensor] = field(default_factory=dict)  # the latent each call saw, for the blending calls
+    evaluations: int = 0  # UNet evaluations at batch 1 (a CFG pass of one image counts 2)
+
+    @property
+    def blend_start_latent(self) -> Optional[Tensor]:
+        """The latent entering the blend start as the model saw it (None when nothing blends)."""
+        first = self.schedule.first_blend_call
+        return None if first is None else self.latents[first]
+
+
+@dataclass
+class Stage1Result:
+    latent: Tensor  # final latents (B, C, h, w), VP, fp32
+    blend_start_latent: Tensor  # latents entering the blend start step (the final ones when nothing blends)
+    record: Stage1Record
+
+
+def run_stage1(unet: torch.nn.Module, noise: Tensor, sigmas: Tensor, sampler: str, calls: CallSchedule,
+               base_cond: tuple[Tensor, Tensor], control: AttentionControl, guidance: float,
+               guidance_rescale: float = 0.0, schedule: Optional[NoiseSchedule] = None,
+               generators: Optional[list[torch.Generator]] = None, sampler_options: Optional[dict] = None,
+               cuda_graphs: bool = False, progress: bool = True) -> Stage1Result:
+    """Sample the global prompt for noise (B, C, h, w) with base_cond [uncond x B; cond x B].
+
+    cuda_graphs: replay the UNet call as one CUDA graph (valid with store="recompute" and no self-attention
+    replay: then every stage-1 call runs the same processors; see omg.graphs).
+    """
+    record = Stage1Record(calls, control, torch.as_tensor(sigmas, dtype=torch.float64).cpu(), noise)
+    rows = RowLayout(images=noise.shape[0])
+    unet_call = unet_eps_fn(unet, *base_cond)
+    if cuda_graphs:
+        unet_call = GraphedCall(unet_call, heat=control.heatmaps)
+    guided = guided_eps(unet_call, guidance, guidance_rescale)  # what omg.sample runs
+    kept: dict[str, Tensor] = {}
+    next_call = iter(calls.calls)
+
+    def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+        call = next(next_call)
+        control.set_call("capture", call.index, rows)
+        if call.blending:
+            record.latents[call.index] = x
+        record.evaluations += rows.rows
+        eps = guided(x, t)
+        if not call.blending:
+            record.eps[call.index] = eps
+        return eps
+
+    def on_step(info: StepInfo) -> None:
+        if info.i == calls.blend_start:
+            kept["x"] = info.x.clone()
+
+    with control:
+        final = run_sampler(eps_fn, noise, sigmas, sampler, schedule=schedule, callback=on_step, disable=not progress,
+                            generator=generators, **(sampler_options or {}))
+    return Stage1Result(final, kept.get("x", final), record)

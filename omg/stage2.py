@@ -1,0 +1,215 @@
+"""OMG stage 2: the blended noise prediction (omg.pipeline's second half).
+
+From the blend start on, each model call runs the base model with replayed cross-attention and every active
+concept with its own weights and prompt, then blends the unguided predictions with each image's masks before
+guidance:
+
+    eps = (1 - sum_i M_i) * eps_base + sum_i M_i * eps_i      (masks do not overlap: sum_i M_i <= 1)
+
+Stage 2 re-enters the sampler from its first step but answers every call before the blend start with the
+stage-1 prediction it recorded (no UNet work), so any sampler, multistep and ancestral ones included, arrives
+at the blend start in exactly the stage-1 state and draws the same noise. Which call is which comes from the
+record's CallSchedule (omg.schedule), planned once before stage 1.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+import kernels
+from omg.attention import RowLayout
+from omg.concept_weights import Role, StageTwoWeights, UNetPass
+from omg.errors import ScheduleError
+from omg.graphs import GraphedCall
+from omg.sampling import EpsDenoiser, NoiseSchedule, apply_guidance
+from omg.schedule import CallSchedule
+from omg.stage1 import Stage1Record
+
+Conditioning = tuple[Tensor, Tensor]  # (context, y) of a UNet call's rows
+
+
+def cfg_rows(cond: Conditioning, images: int) -> Conditioning:
+    """[uncond; cond] conditioning (2 rows) for a batch of images: [uncond x images; cond x images]."""
+    context, y = cond
+    return context.repeat_interleave(images, dim=0), y.repeat_interleave(images, dim=0)
+
+
+class BlendedEps:
+    """Stage 2's guided noise prediction, eps_fn(x, t) of omg.sampling's contract, for the latents (B, C, h, w).
+
+    Drive it with stage 1's sampler over stage 1's sigmas from the first step, inside ``with stage2:`` (which
+    puts the replay processors on the UNet and starts at the first model call); the calls before the blend
+    start are answered from the stage-1 record. ``denoiser()`` wraps it for k-diffusion samplers. Driving stage
+    2 from another sampler loop (k-diffusion's here), after
+    ``result = omg.generate(model, prompt, concepts, sampler="euler", keep_stage2=True)``::
+
+        import k_diffusion
+        stage2 = result.stage2
+        sigmas = stage2.sigmas  # stage 1's sigmas, fp32 on the model's device
+        noise = stage2.noise  # stage 1's initial noise (VP latents at sigmas[0])
+        with stage2:  # replay processors on the UNet; the next call is the run's first
+            x = k_diffusion.sampling.sample_euler(stage2.denoiser(), noise * (1 + sigmas[0] ** 2).sqrt(), sigmas)
+        latent = x / (1 + sigmas[-1] ** 2).sqrt()  # k-diffusion's x is the VP latent times sqrt(1 + sigma^2)
+
+    A driver whose calls are not stage 1's (another sampler, other sigmas, another starting latent) raises
+    ScheduleError: at a recorded call's timestep, on entering the blend start with another latent, or, for the
+    blending calls (checked on the device, read once), at the run's last call.
+
+    masks: (B, k, h, w) for the k active concepts (those found in some image); present[b]: the active concepts
+    found in image b (the others are left out of its blend: their masks are zero there).
+    """
+
+    def __init__(self, unet: torch.nn.Module, record: Stage1Record, base_cond: Conditioning,
+                 concept_cond: Sequence[Conditioning], weights: StageTwoWeights, masks: Tensor,
+                 present: Sequence[Sequence[int]], guidance: float, guidance_rescale: float = 0.0,
+                 replay: bool = True, cuda_graphs: bool = False):
+        self.unet, self.record, self.weights = unet, record, weights
+        self.images = masks.shape[0]
+        self.replay = replay  # False: the base pass runs plain attention (ablation: no layout preservation)
+        self.rows = RowLayout(self.images, with_source=replay and record.control.store == "recompute")
+        self.masks, self.present = masks, [list(p) for p in present]
+        self.guidance, self.guidance_rescale = guidance, guidance_rescale
+        self.dtype = next(unet.parameters()).dtype
+        count = masks.shape[1]
+        shapes = {(c.shape[1:], y.shape[1:]) for c, y in [base_cond, *concept_cond]}
+        self.passes = weights.passes(count, self.rows.rows, one_call_possible=len(shapes) == 1)
+        # conditioning of each pass, made once: a captured graph keeps its inputs' pointers
+        base_rows = cfg_rows(base_cond, self.images)
+        if self.rows.with_source:  # the source rows run the global prompt's cond
+            cond_only = cfg_rows((base_cond[0][1:], base_cond[1][1:]), self.images)
+            base_rows = tuple(torch.cat([a, b]) for a, b in zip(base_rows, cond_only))
+        concept_rows = [cfg_rows(c, self.images) for c in concept_cond]
+        self.conds = [self._pass_cond(p, base_rows, concept_rows) for p in self.passes]
+        # one CUDA graph per role (base pass, each concept, or all in one), captured at its first call
+        self.cuda_graphs, self.graphs, self.graph_pool = cuda_graphs, {}, None
+        self.next_call = 0
+        self.pending_checks: list[Tensor] = []  # the blending calls' timestep checks, read at the run's end
+        self.evaluations = 0
+
+    @property
+    def one_call(self) -> bool:
+        """The base pass and every concept pass of a step are one UNet call."""
+        return len(self.passes) == 1
+
+    @property
+    def schedule(self) -> CallSchedule:
+        return self.record.schedule
+
+    @property
+    def sigmas(self) -> Tensor:
+        """Stage 1's sigmas, fp32 on the UNet's device (what a k-diffusion sampler takes)."""
+        return self.record.sigmas.to(next(self.unet.parameters()).device, torch.float32)
+
+    @property
+    def noise(self) -> Tensor:
+        """Stage 1's initial noise (B, C, h, w): the VP latents entering its first step."""
+        return self.record.noise
+
+    # -- driving -----------------------------------------------------------------------------------------
+    def __enter__(self) -> "BlendedEps":
+        self.reset()
+        self.record.control.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.record.control.__exit__(*exc)
+
+    def reset(self) -> None:
+        """Start again at the run's first model call (entering ``with stage2:`` does this)."""
+        self.next_call, self.pending_checks = 0, []
+
+    def denoiser(self, schedule: Optional[NoiseSchedule] = None) -> EpsDenoiser:
+        """k-diffusion's model(x, sigma) -> denoised over this blended prediction."""
+        return EpsDenoiser(self, schedule)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        schedule, index = self.record.schedule, self.next_call
+        if index >= len(schedule.calls):
+            raise ScheduleError(f"stage 2 was called {index + 1} times, but stage 1's {schedule.sampler} run made "
+                                f"{len(schedule.calls)} model calls: drive it with stage 1's sampler and sigmas, "
+                                f"and enter `with stage2:` (or call reset()) before each run")
+        self.next_call += 1
+        call = schedule.calls[index]
+        if not call.blending:  # no UNet work is queued here, so reading t from the device costs nothing
+            schedule.check(index, t)
+            return self.record.eps[index]
+        if index == schedule.first_blend_call:
+            schedule.check(index, t)
+            self._check_entry(index, x)
+        else:
+            self.pending_checks.append((t.reshape(-1)[0].float() - call.t).abs() <= 1e-2)
+        eps = self._blend(index, x, t)
+        if self.next_call == len(schedule.calls):
+            self._read_pending_checks()
+        return eps
+
+    def _check_entry(self, index: int, x: Tensor) -> None:
+        stage1 = self.record.latents[index]
+        if x.shape != stage1.shape:
+            raise ScheduleError(f"stage 2 entered the blend start with latents of shape {tuple(x.shape)}, stage 1 "
+                                f"with {tuple(stage1.shape)}")
+        error = float((x.float() - stage1.float()).abs().max())
+        scale = max(1.0, float(stage1.abs().max()))
+        if error > 1e-3 * scale:
+            raise ScheduleError(f"stage 2 entered the blend start (model call {index}) {error:.4g} away from stage 1's "
+                                f"latent (max abs; largest value {scale:.3g}): drive it with stage 1's sampler, sigmas "
+                                f"and seeds, starting from the noise times sqrt(1 + sigmas[0]^2)")
+
+    def _read_pending_checks(self) -> None:
+        checks, self.pending_checks = self.pending_checks, []
+        if checks and not bool(torch.stack(checks).all()):  # one device read per run
+            raise ScheduleError(f"stage 2's blending calls were not at the timesteps of stage 1's "
+                                f"{self.record.schedule.sampler} run: drive it with stage 1's sampler and sigmas")
+
+    # -- one blending call -------------------------------------------------------------------------------
+    @staticmethod
+    def _pass_cond(p: UNetPass, base_rows: Conditioning, concept_rows: Sequence[Conditioning]) -> Conditioning:
+        parts = ([base_rows] if p.base else []) + [concept_rows[j] for j in p.concepts]
+        return torch.cat([c for c, _ in parts]), torch.cat([y for _, y in parts])
+
+    def _blend(self, index: int, x: Tensor, t: Tensor) -> Tensor:
+        t = t.reshape(-1)[:1]
+        control, rows, n = self.record.control, self.rows, self.images
+        base_x = [x, self.record.latents[index], x] if rows.with_source else [x, x]
+        base: tuple[Tensor, ...] = ()
+        concept_eps: dict[int, tuple[Tensor, ...]] = {}
+        for p, cond in zip(self.passes, self.conds):
+            control.set_call("replay" if p.base and self.replay else "plain", index, rows)
+            out = self._unet(torch.cat((base_x if p.base else []) + [x, x] * len(p.concepts)), t, cond, p.role)
+            if p.base:
+                base, out = out[:rows.rows], out[rows.rows:]
+            for j, concept in enumerate(p.concepts):
+                concept_eps[concept] = out[2 * n * j:2 * n * (j + 1)]
+        control.set_call("plain")
+        eps = []
+        for b in range(n):  # each image with its own masks and the concepts found in it
+            found = self.present[b]
+            base_u, base_c = base[rows.uncond.start + b], base[rows.cond.start + b]
+            pairs = [(concept_eps[j][b], concept_eps[j][n + b]) for j in found]
+            masks = self.masks[b][found]
+            if self.guidance_rescale:  # the kernel blends; the rescale needs the blended halves
+                eps_u, eps_c = kernels.blend_eps(base_u, base_c, pairs, masks)
+                eps.append(apply_guidance(eps_u, eps_c, self.guidance, self.guidance_rescale))
+            else:
+                eps.append(kernels.blend_guided(base_u, base_c, pairs, masks, self.guidance))
+        return torch.cat(eps)
+
+    def _forward(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role) -> Tensor:
+        with self.weights.applied(role):
+            return self.unet(x, t, *cond)
+
+    def _unet(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role) -> tuple[Tensor, ...]:
+        """One UNet call under the role's weights, as its rows (1, C, h, w) in fp32."""
+        self.evaluations += x.shape[0]
+        x, t = x.to(self.dtype), t.expand(x.shape[0])
+        if not self.cuda_graphs:
+            return self._forward(x, t, cond, role).float().chunk(x.shape[0])
+        call = self.graphs.get(role)
+        if call is None:
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()  # the roles run one after another: one pool
+            call = self.graphs[role] = GraphedCall(lambda x_, t_: self._forward(x_, t_, cond, role),
+                                                   pool=self.graph_pool)
+        return call(x, t.contiguous()).float().chunk(x.shape[0])
