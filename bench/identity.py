@@ -419,7 +419,8 @@ def evaluate(net: IdentityNet, cfg: ClassifierConfig, vae=None) -> dict:
         probs, colours = predict(net, x, colours=True)
         out[f"windows_{name}"] = _accuracy(probs.argmax(-1), y)
         has = y_colour != NO_COLOUR
-        out[f"windows_{name}_colour_accuracy"] = round(float((colours.argmax(-1)[has] == y_colour[has]).float().mean()), 4)
+        right = colours.argmax(-1)[has] == y_colour[has]
+        out[f"windows_{name}_colour_accuracy"] = round(float(right.float().mean()), 4)
         x, y, hidden = object_crops(test, images)
         pred = predict(net, x).argmax(-1)
         out[f"objects_{name}"] = _accuracy(pred, y)

@@ -88,7 +88,7 @@ def masks_touch(masks: torch.Tensor, grow: int = 1) -> bool:
 
 def outside_psnr(image: Image.Image, reference: Image.Image, masks: torch.Tensor) -> Optional[float]:
     """PSNR (dB) of image against reference over the pixels outside every (grown) mask; None if there are none."""
-    union = grown((masks > 0.5).any(0), 1)
+    union = grown((masks > 0.5).any(0).cpu(), 1)
     keep = ~F.interpolate(union.float()[None, None], scale_factor=8, mode="nearest")[0, 0].bool()
     if not keep.any():
         return None

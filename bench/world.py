@@ -42,7 +42,7 @@ import omg
 from bench.common import write_json
 from bench.identity import (CLASSES, COLOUR_NAMES, LABELS, ClassifierConfig, IdentityNet, grid_windows,
                             load_or_train, predict, score_concepts, to_tensor, vae_round_trip)
-from demo.scenes import BACKGROUNDS, CONCEPTS, Scene, article, base_scenes, concept_images, render_scene
+from demo.scenes import BACKGROUNDS, CONCEPTS, Scene, base_scenes, concept_images, render_scene
 from demo.world import BLEND_FRACTION, LORA_SCALE, SAMPLING, concept_prompt, plain_prompt
 from omg.attention import AttentionControl, RowLayout
 from omg.lora import load_lora, merged_lora
@@ -223,7 +223,7 @@ def lora_gates(model, net: IdentityNet, weights: str, n: int, steps: int, size: 
             bound = _identities(net, sample(model, plain, **kw), name)
         base = _identities(net, sample(model, plain, **kw), name)
         late = []
-        for i in range(max(2, n // 4)):
+        for i in range(min(n, max(2, n // 4))):
             concept = omg.Concept(spec.class_name, own[i], lora=lora, lora_scale=LORA_SCALE, mask=(0, 0, size, size))
             result = generate_demo(model, plain[i], [concept], steps=steps, seed=seed + i, size=size)
             late.append(_identities(net, [result.image], name)[0])

@@ -196,8 +196,9 @@ def render_scene(seed: int, size: int = 256, n_objects: Optional[int] = None, oc
     n_objects: 1 to 3 (random when None). occlusion: True makes every later object overlap an earlier one,
     False keeps all apart, None picks at random. objects: optional (class_name, concept name or None[, colour])
     per object, back to front; a concept fixes the class and colour; random classes may repeat (two balls),
-    colours never do. background: a BACKGROUNDS name (random when None). scale: object width / image side
-    (default by object count: 0.45, 0.34, 0.26).
+    drawn colours never do (colours the caller fixes may: the classifier's training scenes hold twin concepts).
+    background: a BACKGROUNDS name (random when None). scale: object width / image side (default by object
+    count: 0.45, 0.34, 0.26).
     """
     rng = np.random.default_rng([seed, size])
     if objects is None:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a file (python demo/train.py): make `demo` and `omg` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from demo.scenes import BACKGROUNDS, CONCEPTS, Scene, base_scenes, concept_images, to_tensor_batch  # noqa: E402
+from demo.scenes import BACKGROUNDS, CONCEPTS, Scene, article, base_scenes, concept_images, to_tensor_batch  # noqa: E402
 from omg.atomic import atomic_path  # noqa: E402
 from omg.model import SDXL, load_sdxl, save_sgm  # noqa: E402
 from omg.sampling import NoiseSchedule  # noqa: E402
@@ -259,8 +259,9 @@ class Trainer:
     def rand(self, n: int) -> Tensor:
         return torch.rand(n, device=self.device, generator=self.generator)
 
-    def run(self, tag: str, steps: int, step_fn: Callable[[int], Tensor], deadline: float) -> dict:
-        """step_fn(i) -> loss tensors (no sync); returns the stage's throughput."""
+    def run(self, tag: str, steps: int, step_fn: Callable[[int], Tensor], deadline: float,
+            on_log: Optional[Callable[[list[float]], None]] = None) -> dict:
+        """step_fn(i) -> loss tensors (no sync); on_log(values) after each read-back; returns the throughput."""
         pending, start, done = [], time.perf_counter(), 0
         for i in range(steps):
             if time.monotonic() > deadline:
@@ -274,6 +275,8 @@ class Trainer:
                 pending = []
                 rate = done / (time.perf_counter() - start)
                 self.say(f"{tag}: step {done}/{steps} loss {float(np.mean(values)):.4f} ({rate:.1f} steps/s)")
+                if on_log is not None:
+                    on_log(values)
         if pending:
             values = torch.stack(pending).float().cpu().tolist()
             self.log.extend((tag, done - len(values) + j, v) for j, v in enumerate(values))
@@ -386,29 +389,37 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
                              {"params": list(text.parameters()), "lr": text_lr, "peak": text_lr}])
     ema = EMA(params, decay=0.999)
     ac = NoiseSchedule.sdxl().alphas_cumprod.to(device, torch.float32)
-    mode, call = _compile_step(net, TextAndUNet(text, net, size), trainer, data, batch, drop, text, size, ac)
+    whole = TextAndUNet(text, net, size)
+    mode, call = _compile_step(net, whole, trainer, data, batch, drop, text, size, ac)
     trainer.say(f"unet stage runs as {mode}")
+    state = {"call": call, "mode": mode}
+
+    def on_log(values: list[float]) -> None:
+        if state["mode"] != "eager" and not all(math.isfinite(v) for v in values):
+            trainer.say(f"non-finite losses under {state['mode']} (steps skipped); the rest runs eagerly")
+            state["mode"], state["call"] = "eager", _eager_step(whole, trainer, data, batch, drop, ac)
 
     skipped = torch.zeros((), device=device)
 
     def step(i: int) -> Tensor:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(i, steps, group["peak"])
-        eps, grounding, noise = call()
+        eps, grounding, noise = state["call"]()
         diffusion = F.mse_loss(eps, noise)
         loss = diffusion + grounding_weight * grounding
         opt.zero_grad(set_to_none=False)  # graphed backward writes into the same .grad tensors every step
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        bad = (~torch.isfinite(norm)).float().reshape(1)  # a non-finite step is skipped on the device (no sync)
-        skipped.add_(bad[0])
+        bad = (~torch.isfinite(norm)).float()  # 0-dim: a non-finite step is skipped on the device (no sync)
+        skipped.add_(bad)
         if device.type == "cuda":
-            opt.found_inf = bad  # read by fused AdamW, as GradScaler's found_inf is
+            opt.found_inf = bad  # read by fused AdamW (it subtracts it from each 0-dim step count)
         opt.step()
-        ema.update(~bad[0].bool())
+        ema.update(~bad.bool())
         return torch.stack([diffusion.detach(), grounding.detach()])
 
-    stats = {**_run_two(trainer, steps, step, deadline), "mode": mode, "skipped_steps": int(skipped.item())}
+    stats = {**_run_two(trainer, steps, step, deadline, on_log), "mode": mode, "final_mode": state["mode"],
+             "skipped_steps": int(skipped.item())}
     ema.copy_to_params()
     net.detach_processor()
     unet.eval().requires_grad_(False)
@@ -416,7 +427,8 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
     return stats
 
 
-def _run_two(trainer: Trainer, steps: int, step: Callable[[int], Tensor], deadline: float) -> dict:
+def _run_two(trainer: Trainer, steps: int, step: Callable[[int], Tensor], deadline: float,
+             on_log: Optional[Callable[[list[float]], None]] = None) -> dict:
     """Trainer.run for a step returning (diffusion, grounding): both logged, the first as 'unet'."""
     grounding: list[Tensor] = []
 
@@ -425,7 +437,7 @@ def _run_two(trainer: Trainer, steps: int, step: Callable[[int], Tensor], deadli
         grounding.append(both[1])
         return both[0]
 
-    stats = trainer.run("unet", steps, first, deadline)
+    stats = trainer.run("unet", steps, first, deadline, on_log)
     if grounding:
         values = torch.stack(grounding).float().cpu().tolist()
         every = max(1, len(values) // 50)
@@ -468,10 +480,15 @@ def _compile_step(net: GroundedUNet, whole: TextAndUNet, trainer: Trainer, data:
                 return (*graph(b[3], b[4], *text_inputs(b), b[5], b[6], *b[7]), b[8])
             return "graph: UNet; text encoders eager", call_unet
 
+    return "eager", _eager_step(whole, trainer, data, batch, drop, ac)
+
+
+def _eager_step(whole: TextAndUNet, trainer: Trainer, data: DeviceData, batch: int, drop: float,
+                ac: Tensor) -> Callable[[], tuple]:
     def call_eager() -> tuple:
         b = _draw(trainer, data, batch, drop, ac)
         return (*whole(*b[:7], *b[7]), b[8])
-    return "eager", call_eager
+    return call_eager
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
@@ -613,6 +630,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--grounding", type=float, default=0.3, help="weight of the grounding loss (0: off)")
     p.add_argument("--concept-images", type=int, default=48, help="instance images per concept (as many class)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--concepts", nargs="+", default=sorted(CONCEPTS), choices=sorted(CONCEPTS),
+                   help="the concepts whose LoRAs are trained")
+    p.add_argument("--lora-batch", type=int, default=32, help="LoRA batch: half instance, half class images")
     p.add_argument("--log-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -658,12 +678,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         model = SDXL.random(unet_cfg, vae_cfg, text_cfgs, seed=args.seed, device=device, size_embed_dim=SIZE_EMBED)
     for module in model.components().values():
         module.float().requires_grad_(False)
+        for p in module.parameters():  # fresh contiguous storage: a loaded checkpoint may hand out views
+            p.data = p.data.contiguous().clone()
 
     workers = min(16, os.cpu_count() or 1)
-    scenes = base_scenes(n_scenes, size, seed=args.seed, workers=workers)
-    say(f"{len(scenes)} scenes rendered")
-    stats, stage_seconds = {}, {"scenes": time.monotonic() - t0}
-    images = to_tensor_batch(scenes)
+    stats, stage_seconds = {}, {}
+    if "vae" in args.stages or "unet" in args.stages:  # the LoRAs train on their own images only
+        scenes = base_scenes(n_scenes, size, seed=args.seed, workers=workers)
+        say(f"{len(scenes)} scenes rendered")
+        stage_seconds["scenes"] = time.monotonic() - t0
+        images = to_tensor_batch(scenes)
 
     if "vae" in args.stages:
         t_stage = time.monotonic()
@@ -680,8 +704,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if "unet" in args.stages:
         t_stage = time.monotonic()
         latents = encode_latents(model, images, device) * scale
+        finite = torch.isfinite(latents).flatten(1).all(1).cpu()
+        if not finite.all():  # one read: a bad latent would poison every step that draws it
+            say(f"dropping {int((~finite).sum())} scenes whose latents are not finite")
+        keep = finite.nonzero().flatten().tolist()
         grids = attention_grids(model.unet.config, size // 8)
-        data = DeviceData(latents, scenes, grids, device)
+        data = DeviceData(latents[finite.to(latents.device)], [scenes[i] for i in keep], grids, device)
         reserve = 0.25 * (deadline - t0) if "lora" in args.stages else 0.0  # what the LoRAs keep of the budget
         stats["unet"] = train_unet(model, data, trainer, unet_steps, batch, args.lr, args.text_lr, args.grounding,
                                    size, deadline - reserve)
@@ -691,17 +719,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     loras = {}
     if "lora" in args.stages:
         n_img = 2 if tiny else args.concept_images
-        for i, (name, spec) in enumerate(sorted(CONCEPTS.items())):
+        for k, name in enumerate(args.concepts):
+            spec = CONCEPTS[name]
+            share = (deadline - time.monotonic()) / (len(args.concepts) - k)  # each LoRA its share of the time
             t_stage = time.monotonic()
             instance = concept_images(name, n_img, size, seed=args.seed)
             prior = concept_images(name, n_img, size, seed=args.seed, plain=True)
             state, stats[f"lora:{name}"] = train_lora(model, name, instance, prior, trainer, lora_steps,
-                                                      4 if tiny else 32, args.rank, 1e-3, size, deadline)
+                                                      4 if tiny else args.lora_batch, args.rank, 1e-3, size,
+                                                      time.monotonic() + share)
             path = os.path.join(args.out, f"{name}.safetensors")
             # one metadata key: safetensors writes metadata in hash-map order, so several keys would make the
             # file bytes differ between runs (rank and alpha are in the tensors: lora_down rows, .alpha)
+            prompt = f"{article(spec.phrase)} {spec.phrase}"
             save_atomic(state, path, {"omg.demo.concept": json.dumps(
-                {**dataclasses.asdict(spec), "prompt": f"a {spec.phrase}", "rank": args.rank}, sort_keys=True)})
+                {**dataclasses.asdict(spec), "prompt": prompt, "rank": args.rank}, sort_keys=True)})
             loras[name] = path
             stage_seconds[f"lora:{name}"] = time.monotonic() - t_stage
 

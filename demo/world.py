@@ -14,8 +14,9 @@ BLEND_FRACTION = 0.7  # OMG blends over the last 70 % of the steps (the paper's 
 
 
 def concept_prompt(concept: str, background: str) -> str:
-    """'a sks ball on a grey background': the concept's own prompt, as its LoRA was trained."""
-    return f"a {CONCEPTS[concept].phrase} on {article(background)} {background} background"
+    """'a sks ball on a grey background': the concept's own prompt, as its LoRA was trained (scenes.caption_for)."""
+    phrase = CONCEPTS[concept].phrase
+    return f"{article(phrase)} {phrase} on {article(background)} {background} background"
 
 
 def plain_prompt(concept: str, background: str) -> str:

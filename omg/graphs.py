@@ -10,6 +10,7 @@ callers in omg.pipeline use it only where that holds (store="recompute", no self
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -34,8 +35,11 @@ class GraphedCall:
         self.static_out: Optional[Tensor] = None
         self.signature: Optional[tuple] = None
         self.count_delta: dict[int, int] = {}
+        self.eager = False  # set when capture failed: every call then runs fn eagerly
 
     def __call__(self, *args: Tensor) -> Tensor:
+        if self.eager:
+            return self.fn(*args)
         signature = tuple((a.shape, a.dtype, a.device) for a in args)
         if self.graph is None:
             return self._capture(args, signature)
@@ -61,8 +65,16 @@ class GraphedCall:
         out.record_stream(current)  # used on the caller's stream from here on
         counts = dict(self.heat.counts) if self.heat is not None else None
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.pool):
-            self.static_out = self.fn(*self.static_in)
+        try:
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.static_out = self.fn(*self.static_in)
+        except Exception as e:  # an op inside fn that a graph cannot hold (a host sync, a CPU copy)
+            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); this call "
+                          "runs eagerly from now on", RuntimeWarning, stacklevel=3)
+            self.graph, self.static_out, self.eager = None, None, True
+            if counts is not None:
+                self.heat.counts = counts
+            return out
         if counts is not None:
             self.count_delta = {n: c - counts.get(n, 0) for n, c in self.heat.counts.items()}
             self.heat.counts = counts

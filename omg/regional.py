@@ -58,7 +58,6 @@ from torch import Tensor
 from omg.errors import SamplingError
 from omg.lora import LoraFile, load_lora, merged_lora, text_encoder_lora
 from omg.sampling import SAMPLERS, NoiseSchedule, StepInfo, guided_eps, randn_cpu, run_sampler, unet_eps_fn
-from omg.txt2img import latents_to_images, sdxl_conditioning
 from omg.unet import Attention, UNet
 
 if TYPE_CHECKING:
@@ -245,7 +244,7 @@ def regional_sample_latents(model: Any, prompt: str, concepts: Sequence["Concept
 
     with all_loras_merged(model, concepts):
         negatives = None if negative_prompt is None else [negative_prompt]
-        context, y = sdxl_conditioning(model, [prompt], negatives, height, width)  # [uncond; cond] of one image
+        context, y = model.conditioning([prompt], negatives, height, width)  # [uncond; cond] of one image
         # each concept prompt at its own token count: it is attended to on its own, never batched with another
         contexts = [model.text.encode([c.prompt])[0] for c in concepts]
         # one encoding for the whole batch: rows [uncond x n; cond x n]
@@ -283,4 +282,4 @@ def regional_sample(model: Any, prompt: str, concepts: Sequence["Concept"], mask
                                       height=height, width=width, sampler=sampler, spacing=spacing,
                                       sampler_options=sampler_options, schedule=schedule, callback=callback,
                                       progress=progress)
-    return latents_to_images(model.vae, latents)
+    return model.decode(latents)

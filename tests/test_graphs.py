@@ -37,3 +37,22 @@ def test_graphed_generation_equals_eager(tmp_path, dtype, lora_mode):
     assert torch.equal(eager.stage1_latent, graphed.stage1_latent)
     assert torch.equal(eager.latent, graphed.latent)
     assert eager.unet_evaluations == graphed.unet_evaluations
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_call_that_cannot_be_captured_runs_eagerly_with_a_warning():
+    """A function with a host sync (here .item()) invalidates the capture: GraphedCall warns once and runs it
+    eagerly from then on, with eager results, instead of failing the whole generate call."""
+    from omg.graphs import GraphedCall
+
+    def fn(x):
+        return x * 2 + float(x.sum().item())  # the .item() is a host sync
+
+    call = GraphedCall(fn)
+    x = torch.arange(4.0, device="cuda")
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        first = call(x)
+    assert call.eager and torch.equal(first, fn(x))
+    y = torch.ones(4, device="cuda")
+    assert torch.equal(call(y), fn(y))

@@ -713,7 +713,7 @@ def test_malformed_files_are_lora_errors_naming_file_and_key_and_leave_the_model
         with pytest.raises(LoraError, match=MALFORMED[case]):
             apply()
         assert_same(unet, before)
-    with pytest.raises(LoraError, match=f"^in-memory: .*attn1_to_q"):  # the same tensors as a state dict
+    with pytest.raises(LoraError, match="^in-memory: .*attn1_to_q"):  # the same tensors as a state dict
         load_lora(sd, name="in-memory")
 
 

@@ -141,3 +141,21 @@ def test_gpu_unet_with_fused_kernels_matches_torch_ops(dtype, monkeypatch):
     fused_err = (fused.float() - ref).abs().mean() / ref.abs().mean()
     torch_err = (torch_ops.float() - ref).abs().mean() / ref.abs().mean()
     assert fused_err <= 1.2 * torch_err + 1e-4, (fused_err.item(), torch_err.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_kernels_step_aside_under_autograd():
+    """The Triton kernels have no backward: with a tensor that needs a gradient the references run, so training
+    through the UNet gets gradients (before, norm_act returned a tensor without grad_fn and the backward
+    stopped there silently)."""
+    norm = torch.nn.GroupNorm(4, 8).cuda()
+    x = torch.randn(2, 8, 16, 16, device="cuda", requires_grad=True)
+    y = kernels.norm_act(norm, x)
+    assert y.grad_fn is not None
+    y.square().sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    h = torch.randn(2, 16, 32, device="cuda", requires_grad=True)
+    assert kernels.geglu(h).grad_fn is not None
+    with torch.no_grad():  # inference keeps the fused kernels
+        assert kernels.use_triton(x) == kernels.HAS_TRITON
