@@ -27,7 +27,7 @@ from omg.inputs import check_model
 from omg.lora import ConceptWeights, LoraFile, bind, load_lora, text_encoder_lora
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks, token_heatmaps
 from omg.options import DEFAULT_NEGATIVE, LORA_MODES, OMGOptions  # noqa: F401 (re-exported)
-from omg.sampling import NoiseSchedule, run_sampler
+from omg.sampling import NoiseSchedule, diffusers_ddim_options, run_sampler
 from omg.schedule import CallSchedule
 from omg.stage1 import run_stage1
 from omg.stage2 import BlendedEps, cfg_rows
@@ -96,6 +96,9 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
     noise_schedule = NoiseSchedule.sdxl()
     # DDIM ends on alphas_cumprod[0] (diffusers' SDXL DDIM, set_alpha_to_one=False); the others on sigma 0
     sigmas = noise_schedule.sampling_sigmas(o.steps, o.spacing, to_zero=o.sampler != "ddim")
+    # DDIM with trailing/linspace spacing steps as diffusers' DDIMScheduler does (omg.sampling.ddim_sample)
+    o = o.replace(sampler_options=diffusers_ddim_options(noise_schedule, o.steps, o.spacing, o.sampler,
+                                                         o.sampler_options))
     calls = CallSchedule.plan(o.sampler, sigmas, o.blend_steps, noise_schedule, o.sampler_options)
     noise = model.noise(_generators(inputs.seeds), o.height, o.width)
     latent_hw = tuple(noise.shape[-2:])

@@ -441,6 +441,21 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
 PREV_TIMESTEP_RULES = ("diffusers", "listed")
 
 
+def diffusers_ddim_options(schedule: NoiseSchedule, steps: int, spacing: str, sampler: str,
+                           options: Optional[dict]) -> Optional[dict]:
+    """sampler_options that make run_sampler's DDIM step as diffusers' DDIMScheduler does (t -> t - T // N, see
+    ddim_sample) for "trailing" and "linspace" spacing, where that differs from stepping to the next listed
+    timestep; other samplers, spacings and an explicit landing_sigmas are left as they are. omg.sample and
+    omg.generate use it, so their DDIM matches diffusers' for every spacing."""
+    if sampler != "ddim" or spacing not in ("trailing", "linspace") or "landing_sigmas" in (options or {}):
+        return options
+    timesteps = schedule.timesteps(steps, spacing)
+    landing = schedule.prev_sigmas(timesteps, to_zero=False)
+    if torch.equal(landing, schedule.sigmas_at(timesteps, to_zero=False)[1:]):
+        return options
+    return {**(options or {}), "landing_sigmas": landing}
+
+
 def ddim_sample(eps_fn: EpsFn, x: Tensor, timesteps: Tensor, schedule: Optional[NoiseSchedule] = None, *,
                 eta: float = 0.0, set_alpha_to_one: bool = False, prev_timestep: str = "diffusers",
                 **kwargs: Any) -> Tensor:

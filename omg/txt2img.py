@@ -9,7 +9,7 @@ from torch import Tensor
 
 from omg.errors import OptionError
 from omg.inputs import Prompts, check_image_size, check_model, check_seeds, image_seeds, prompt_list
-from omg.sampling import NoiseSchedule, StepInfo, guided_eps, run_sampler, unet_eps_fn
+from omg.sampling import NoiseSchedule, StepInfo, diffusers_ddim_options, guided_eps, run_sampler, unet_eps_fn
 
 
 def _batch(prompts: list[str], negatives: Optional[list[str]], seed: int, num_images: int,
@@ -51,8 +51,9 @@ def sample_latents(model: Any, prompt: Prompts, negative_prompt: Optional[Prompt
     # single image of its seed
     generators = [torch.Generator("cpu").manual_seed(s) for s in per_image]
     noise = model.noise(generators, height, width)
+    options = diffusers_ddim_options(schedule, steps, spacing, sampler, sampler_options)
     return run_sampler(eps_fn, noise, sigmas, sampler, schedule=schedule, callback=callback,
-                       disable=not progress, generator=generators, **(sampler_options or {}))
+                       disable=not progress, generator=generators, **(options or {}))
 
 
 def sample(model: Any, prompt: Prompts, negative_prompt: Optional[Prompts] = None, *, steps: int = 50,

@@ -434,3 +434,32 @@ def test_seed_gives_the_same_latents_on_cpu_and_gpu():
         return run_sampler(lambda x, t: eps_fn(x, t.to(x.dtype)), noise, SCHEDULE.sampling_sigmas(10),
                            "ddim", eta=1.0, generator=torch.Generator().manual_seed(1), disable=True).cpu()
     torch.testing.assert_close(run("cpu"), run("cuda"), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_sample_and_generate_step_ddim_as_diffusers_for_every_spacing(spacing):
+    """omg.sample and omg.generate (no concepts, blend_steps=0) at a step count that does not divide 1000: the
+    same latents as ddim_sample's diffusers rule (t -> t - T // N), which test_ddim_follows_diffusers_... checks
+    against diffusers' DDIMScheduler; the "listed" rule gives other latents."""
+    import omg
+    from omg.model import SDXL
+    from omg.sampling import ddim_sample, guided_eps, unet_eps_fn
+    from omg.txt2img import sample_latents
+    from omg.vae import VAEConfig
+
+    model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+    steps, prompt, size = 7, "a photo of a cat", 64
+    schedule = NoiseSchedule.sdxl()
+    timesteps = schedule.timesteps(steps, spacing)
+    context, y = model.conditioning([prompt], None, size, size)
+    eps_fn = guided_eps(unet_eps_fn(model.unet, context, y), 5.0)
+    noise = model.noise([torch.Generator().manual_seed(3)], size, size)
+    expected = ddim_sample(eps_fn, noise, timesteps, schedule)
+    listed = ddim_sample(eps_fn, noise, timesteps, schedule, prev_timestep="listed")
+    got = sample_latents(model, prompt, steps=steps, guidance=5.0, seed=3, height=size, width=size,
+                         spacing=spacing, progress=False)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (got - listed).abs().max() > 1e-3
+    result = omg.generate(model, prompt, [], steps=steps, blend_steps=0, guidance=5.0, seed=3, height=size,
+                          width=size, spacing=spacing, negative_prompt=None, progress=False)
+    assert (result.latent - expected).abs().max() <= 1e-5 * expected.abs().max()
