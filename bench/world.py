@@ -94,10 +94,10 @@ def caption_loss_ratio(model, scenes: Sequence[Scene], size: int) -> tuple[float
 
 
 def _y(model, pooled: torch.Tensor, size: int) -> torch.Tensor:
+    """The conditional rows' SDXL y vector (SDXL.conditioning builds it for [uncond; cond] pairs only)."""
     from omg.text import sdxl_vector
 
-    embed = (model.unet.config.adm_in_channels - pooled.shape[-1]) // 6
-    return sdxl_vector(pooled, (size, size), (0, 0), (size, size), embed_dim=embed)
+    return sdxl_vector(pooled, (size, size), (0, 0), (size, size), embed_dim=model.size_embed_dim)
 
 
 # ---------------------------------------------------------------------------------------------- classifier reads
