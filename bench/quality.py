@@ -380,11 +380,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             strip = lambda imgs: save_strip(imgs, os.path.join(args.strips, f"quality_{'+'.join(imgs['_pair'])}.png"))  # noqa: E731,E501
         records += run_pair(renderer, net, pair, seeds, args.methods, strip)
         print(f"{'+'.join(pair)}: {len(seeds)} seeds ({time.perf_counter() - t0:.0f} s)", flush=True)
-    summary = summarize(records, list(METHODS + REFERENCES))
-    result = {"settings": renderer.settings, "seeds": [seeds[0], seeds[-1]], "pairs": ["+".join(x) for x in pairs],
-              "classifier_test": report.get("test"), "claim": claim(records), "summary": summary,
-              "seconds": round(time.perf_counter() - t0, 1), "records": records}
-    path = write_json(args.name, result, args.out)
+        done = pairs[:pairs.index(pair) + 1]  # written after every pair: a run cut short keeps what it measured
+        summary = summarize(records, list(METHODS + REFERENCES))
+        result = {"settings": renderer.settings, "seeds": [seeds[0], seeds[-1]], "pairs": ["+".join(x) for x in done],
+                  "complete": len(done) == len(pairs), "classifier_test": report.get("test"),
+                  "claim": claim(records), "summary": summary, "seconds": round(time.perf_counter() - t0, 1),
+                  "records": records}
+        path = write_json(args.name, result, args.out)
     print(markdown_table(summary))
     print("claim:", result["claim"])
     print(f"wrote {path}")

@@ -3,8 +3,15 @@
 The world is built so that OMG's setting holds in it. A caption fixes the coarse content: every object's class,
 its colour and the background ("a red ball and a yellow ball on a green background"; two objects may share a
 class, never a colour). A concept's identity is a late, local, fine feature: a pattern of marks at least two
-latent pixels (16 image pixels) wide that only its LoRA draws ("a sks ball" is a red ball with white stripes);
-plain class members and backgrounds never carry a pattern, so the base model never learns one.
+latent pixels (16 image pixels) wide that only its LoRA draws ("a sks ball" is a red ball with light-red
+stripes); plain class members and backgrounds never carry a pattern, so the base model never learns one.
+
+"Late" is a matter of contrast. A diffusion model can read a feature from x_t once its energy over the noise's
+is large: a full-contrast pattern (red and white stripes) over a ball of ~100 latent pixels is already legible
+at t ~ 700 of SDXL's schedule (signal-to-noise 0.09 a pixel), so whatever draws the first 30 % of the steps
+decides it, as measured on an earlier world. The marks are therefore the object's own colour mixed 40 % of the
+way to white or black (MARK_MIX): a sixth of the energy, legible only from t ~ 500 on, while class, position
+and colour (the whole object against its ground) are legible from the first steps.
 
 Objects are drawn back to front, so each object's ground-truth mask is its shape minus every shape in front of
 it (the visible pixels); masks of one scene are therefore disjoint. numpy and PIL only; the same seed gives the
@@ -24,6 +31,7 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "yellow": (235, 200, 40)
            "orange": (240, 130, 30), "brown": (120, 75, 40)}
 BACKGROUNDS = {"green": (90, 160, 90), "grey": (150, 150, 150), "pink": (225, 165, 185), "sand": (215, 200, 160)}
 WHITE, BLACK = (250, 250, 250), (20, 20, 20)
+MARK_MIX = 0.4  # marks: the object's colour 40 % of the way to WHITE or BLACK (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -34,14 +42,21 @@ class ConceptSpec:
     class_name: str
     colour: str
     pattern: str  # "stripes", "checker" or "dots"
-    pattern_colour: tuple[int, int, int]
+    mark: tuple[int, int, int]  # what the pattern's marks are mixed towards (white or black)
+
+    @property
+    def pattern_colour(self) -> tuple[int, int, int]:
+        """The marks' colour at full light: the object's colour MARK_MIX of the way to the mark colour."""
+        base = np.array(COLOURS[self.colour], np.float32)
+        return tuple(int(v) for v in np.round(base + MARK_MIX * (np.array(self.mark, np.float32) - base)))
 
     @property
     def phrase(self) -> str:
         return f"{self.identifier} {self.class_name}"
 
 
-# identifiers are single, otherwise unused tokens of CLIP's vocabulary; two concepts share the class "ball"
+# identifiers are single, otherwise unused tokens of CLIP's vocabulary; two concepts share the class "ball".
+# Marks at full light: sks (232, 124, 124) on red, ohwx (149, 128, 32) on yellow, bnha (124, 148, 232) on blue.
 CONCEPTS = {
     "sks_ball": ConceptSpec("sks_ball", "sks", "ball", "red", "stripes", WHITE),
     "ohwx_ball": ConceptSpec("ohwx_ball", "ohwx", "ball", "yellow", "dots", BLACK),
@@ -112,6 +127,12 @@ def pattern_mask(pattern: str, box: tuple[int, int, int, int], size: int) -> np.
         cu, cv = u % period - period / 2, v % period - period / 2
         return cu ** 2 + cv ** 2 <= (period * 0.27) ** 2
     raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def object_shade(box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """(size, size) light factor of an object: 1 at its top, falling to 0.75 at its bottom (lit from above)."""
+    shade = 1.0 - 0.25 * (np.mgrid[0:size, 0:size][0] - box[1]) / max(box[3] - box[1], 1)
+    return np.clip(shade, 0.7, 1.0).astype(np.float32)
 
 
 def _background(rng: np.random.Generator, size: int, name: Optional[str] = None) -> tuple[np.ndarray, str]:
@@ -235,12 +256,12 @@ def render_scene(seed: int, size: int = 256, n_objects: Optional[int] = None, oc
         masks[:i] &= ~shape
         masks[i] = shape
         colour = np.array(COLOURS[o.colour], np.float32)
-        shade = 1.0 - 0.25 * (np.mgrid[0:size, 0:size][0] - o.box[1]) / max(o.box[3] - o.box[1], 1)
-        canvas[shape] = colour * np.clip(shade[shape], 0.7, 1.0)[:, None]
-        if o.identity:
+        shade = object_shade(o.box, size)
+        canvas[shape] = colour * shade[shape][:, None]
+        if o.identity:  # marks are lit as the object is, so their contrast is the same top to bottom
             spec = CONCEPTS[o.identity]
             marks = shape & pattern_mask(spec.pattern, o.box, size)
-            canvas[marks] = spec.pattern_colour
+            canvas[marks] = np.array(spec.pattern_colour, np.float32) * shade[marks][:, None]
     image = Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8))
     return Scene(image, caption_for(placed, background), placed, masks, background, seed,
                  {"occlusion": occlusion})

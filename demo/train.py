@@ -80,10 +80,14 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int = 200, floor: float = 0.1) -> float:
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 200, floor: float = 0.1,
+              progress: Optional[float] = None) -> float:
+    """Linear warm-up, then cosine decay to floor * peak; progress (0..1) overrides step / total, so that a stage
+    stopped by its time budget still ends its schedule (Trainer.progress)."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup)
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -144,14 +148,20 @@ class DeviceData:
 
 # ---------------------------------------------------------------------------------------------- text
 
-def encode_text(text: nn.Module, ids_l: Tensor, ids_g: Tensor, keep: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """(context, y) with gradients (SDXLTextEncoder.encode is no-grad); dropped captions give zeros."""
+def size_embedding(size: int, device: torch.device) -> Tensor:
+    """The size part of SDXL's y for square training images (original = target = size, no crop): (1, 6 * E)."""
+    return sdxl_vector(torch.zeros(1, 0, device=device), (size, size), (0, 0), (size, size), embed_dim=SIZE_EMBED)
+
+
+def encode_text(text: nn.Module, ids_l: Tensor, ids_g: Tensor, keep: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """(context, y) with gradients (SDXLTextEncoder.encode is no-grad); dropped captions give zeros. sizes is
+    size_embedding(...), made once: building it here would copy host numbers to the device inside a graph."""
     hidden_l = text.clip_l(ids_l)
     hidden_g, pooled = text.clip_g(ids_g)
     keep = keep.to(hidden_l.dtype)
     context = torch.cat([hidden_l, hidden_g.to(hidden_l)], -1) * keep[:, None, None]
     pooled = pooled.to(hidden_l) * keep[:, None]
-    return context, sdxl_vector(pooled, (size, size), (0, 0), (size, size), embed_dim=SIZE_EMBED)
+    return context, torch.cat([pooled, sizes.to(pooled).expand(len(pooled), -1)], -1)
 
 
 # ---------------------------------------------------------------------------------------------- grounding
@@ -209,15 +219,29 @@ class TextAndUNet(nn.Module):
     """(ids_l, ids_g, keep, x_t, t, positions, weights, *masks) -> (eps, grounding loss): the text encoders and the
     grounded UNet as one callable, so that one CUDA graph holds both (forward and backward)."""
 
-    def __init__(self, text: nn.Module, grounded: GroundedUNet, size: int):
+    def __init__(self, text: nn.Module, grounded: GroundedUNet, size: int, device: torch.device):
         super().__init__()
-        self.text, self.grounded, self.size = text, grounded, size
+        self.text, self.grounded = text, grounded
+        self.register_buffer("sizes", size_embedding(size, device), persistent=False)
 
     def forward(self, ids_l: Tensor, ids_g: Tensor, keep: Tensor, x: Tensor, t: Tensor, positions: Tensor,
                 weights: Tensor, *masks: Tensor) -> tuple[Tensor, Tensor]:
         with autocast(x.device):
-            context, y = encode_text(self.text, ids_l, ids_g, keep, self.size)
+            context, y = encode_text(self.text, ids_l, ids_g, keep, self.sizes)
         return self.grounded(x, t, context.float(), y.float(), positions, weights, *masks)
+
+
+def give_own_grads(params: Sequence[nn.Parameter]) -> None:
+    """Give every parameter a .grad of its own before the first backward.
+
+    A graphed backward (make_graphed_callables) returns its static gradient buffers; a parameter whose .grad
+    is None adopts ("steals") that buffer, which lives in the graph's private memory pool and is reused there
+    for forward activations. The next step's forward then writes activations into .grad and zero_grad wipes
+    them before the backward reads them: non-finite gradients from the second step on, every step skipped
+    (measured on the H200; pytorch/pytorch#181723). With a .grad of its own, autograd adds into it instead."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def graphed(module: nn.Module, sample_args: tuple, log: Callable[[str], None]) -> Optional[Callable]:
@@ -242,8 +266,11 @@ def graphed(module: nn.Module, sample_args: tuple, log: Callable[[str], None]) -
 class Trainer:
     """Shared loop machinery: device-side sampling, fused AdamW, EMA, loss read-back every log_every steps."""
 
-    def __init__(self, device: torch.device, seed: int, log_every: int, log: list, say: Callable[[str], None]):
+    def __init__(self, device: torch.device, seed: int, log_every: int, log: list, say: Callable[[str], None],
+                 offset_noise: float = 0.0):
         self.device, self.log_every, self.log, self.say = device, log_every, log, say
+        self.offset_noise = offset_noise
+        self.window = (time.monotonic(), float("inf"))  # (start, deadline) of the running stage
         self.generator = torch.Generator(device).manual_seed(seed)
 
     def optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
@@ -259,10 +286,16 @@ class Trainer:
     def rand(self, n: int) -> Tensor:
         return torch.rand(n, device=self.device, generator=self.generator)
 
+    def progress(self, step: int, steps: int) -> float:
+        """How far the running stage is: the larger of its step share and its time-budget share."""
+        now, (start, deadline) = time.monotonic(), self.window
+        return max(step / max(steps, 1), (now - start) / max(deadline - start, 1e-9))
+
     def run(self, tag: str, steps: int, step_fn: Callable[[int], Tensor], deadline: float,
             on_log: Optional[Callable[[list[float]], None]] = None) -> dict:
         """step_fn(i) -> loss tensors (no sync); on_log(values) after each read-back; returns the throughput."""
         pending, start, done = [], time.perf_counter(), 0
+        self.window = (time.monotonic(), deadline)
         for i in range(steps):
             if time.monotonic() > deadline:
                 self.say(f"{tag}: time budget reached after {i} of {steps} steps")
@@ -296,7 +329,7 @@ def train_vae(model: SDXL, images: Tensor, trainer: Trainer, steps: int, batch: 
 
     def step(i: int) -> Tensor:
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(i, steps, lr)
+            group["lr"] = cosine_lr(i, steps, lr, progress=trainer.progress(i, steps))
         x = images[trainer.randint(len(images), batch)].float()
         with autocast(device):
             moments = vae.quant_conv(vae.encoder(x))
@@ -369,9 +402,16 @@ class EMA:
 
 
 def diffusion_inputs(trainer: Trainer, latents: Tensor, ac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 14), t uniform; returns (x_t, t, eps)."""
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 14), t uniform; returns (x_t, t, eps).
+
+    eps carries offset noise (a random constant per image and channel, trainer.offset_noise std; Guttenberg
+    2023): SDXL's schedule ends at signal-to-noise 0.005 a pixel, and over a 32 x 32 latent the image's mean
+    colour is still legible in x_T (Lin et al. 2024), so a model trained without it takes the background's
+    colour from the seed's noise instead of from its caption (measured on an earlier demo model)."""
     t = trainer.randint(len(ac), len(latents))
     noise = trainer.randn(latents.shape)
+    if trainer.offset_noise:
+        noise = noise + trainer.offset_noise * trainer.randn((*latents.shape[:2], 1, 1))
     a = ac[t].view(-1, 1, 1, 1)
     return a.sqrt() * latents + (1 - a).sqrt() * noise, t, noise
 
@@ -387,23 +427,28 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
     params = list(unet.parameters()) + list(text.parameters())
     opt = trainer.optimizer([{"params": list(unet.parameters()), "lr": lr, "peak": lr},
                              {"params": list(text.parameters()), "lr": text_lr, "peak": text_lr}])
+    give_own_grads(params)
     ema = EMA(params, decay=0.999)
     ac = NoiseSchedule.sdxl().alphas_cumprod.to(device, torch.float32)
-    whole = TextAndUNet(text, net, size)
-    mode, call = _compile_step(net, whole, trainer, data, batch, drop, text, size, ac)
+    whole = TextAndUNet(text, net, size, device)
+    mode, call = _compile_step(net, whole, trainer, data, batch, drop, ac)
     trainer.say(f"unet stage runs as {mode}")
     state = {"call": call, "mode": mode}
 
-    def on_log(values: list[float]) -> None:
-        if state["mode"] != "eager" and not all(math.isfinite(v) for v in values):
-            trainer.say(f"non-finite losses under {state['mode']} (steps skipped); the rest runs eagerly")
-            state["mode"], state["call"] = "eager", _eager_step(whole, trainer, data, batch, drop, ac)
-
     skipped = torch.zeros((), device=device)
+    seen = {"skipped": 0.0}
+
+    def on_log(values: list[float]) -> None:
+        total = float(skipped)  # a sync, once per log_every steps
+        new, seen["skipped"] = total - seen["skipped"], total
+        if state["mode"] != "eager" and (new > 0.1 * len(values) or not all(math.isfinite(v) for v in values)):
+            trainer.say(f"{new:.0f} of {len(values)} steps non-finite under {state['mode']} (skipped); "
+                        "the rest runs eagerly")
+            state["mode"], state["call"] = "eager", _eager_step(whole, trainer, data, batch, drop, ac)
 
     def step(i: int) -> Tensor:
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(i, steps, group["peak"])
+            group["lr"] = cosine_lr(i, steps, group["peak"], progress=trainer.progress(i, steps))
         eps, grounding, noise = state["call"]()
         diffusion = F.mse_loss(eps, noise)
         loss = diffusion + grounding_weight * grounding
@@ -456,13 +501,13 @@ def _draw(trainer: Trainer, data: DeviceData, batch: int, drop: float, ac: Tenso
 
 
 def _compile_step(net: GroundedUNet, whole: TextAndUNet, trainer: Trainer, data: DeviceData, batch: int,
-                  drop: float, text: nn.Module, size: int, ac: Tensor) -> tuple[str, Callable[[], tuple]]:
+                  drop: float, ac: Tensor) -> tuple[str, Callable[[], tuple]]:
     """call() -> (eps, grounding loss, noise) for a fresh batch, as fast as this device allows: text encoders and
     UNet in one CUDA graph, else the UNet alone as a graph, else eagerly."""
 
     def text_inputs(b: tuple) -> tuple:
         with autocast(trainer.device):
-            context, y = encode_text(text, b[0], b[1], b[2], size)
+            context, y = encode_text(whole.text, b[0], b[1], b[2], whole.sizes)
         return context.float(), y.float()
 
     if trainer.device.type == "cuda":
@@ -571,6 +616,7 @@ def train_lora(model: SDXL, name: str, instance: Sequence[Scene], prior: Sequenc
     for p in params:
         p.requires_grad_(True)
     opt = trainer.optimizer([{"params": params, "lr": lr}])
+    give_own_grads(params)
     ac = NoiseSchedule.sdxl().alphas_cumprod.to(device, torch.float32)
     net = GroundedUNet(unet, [], grounding=False)
     half = batch // 2
@@ -582,24 +628,52 @@ def train_lora(model: SDXL, name: str, instance: Sequence[Scene], prior: Sequenc
         return x_t, t, context[idx], y[idx], dummy, dummy.float(), noise
 
     graph = graphed(net, sample()[:6], trainer.say) if device.type == "cuda" else None
-    call = graph if graph is not None else net
+    state = {"call": graph if graph is not None else net, "mode": "eager" if graph is None else "graph"}
+
+    skipped = torch.zeros((), device=device)
+    seen = {"skipped": 0.0}
+
+    def on_log(values: list[float]) -> None:
+        total = float(skipped)
+        new, seen["skipped"] = total - seen["skipped"], total
+        if state["mode"] != "eager" and (new > 0.1 * len(values) or not all(math.isfinite(v) for v in values)):
+            trainer.say(f"lora:{name}: {new:.0f} of {len(values)} steps non-finite under a CUDA graph (skipped); "
+                        "the rest runs eagerly")
+            state["mode"], state["call"] = "eager", net
 
     def step(i: int) -> Tensor:
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(i, steps, lr, warmup=50)
+            group["lr"] = cosine_lr(i, steps, lr, warmup=50, progress=trainer.progress(i, steps))
         x_t, t, c, yy, pos, w, noise = sample()
-        eps, _ = call(x_t, t, c, yy, pos, w)
+        eps, _ = state["call"](x_t, t, c, yy, pos, w)
         loss = F.mse_loss(eps[:half], noise[:half]) + F.mse_loss(eps[half:], noise[half:])
         opt.zero_grad(set_to_none=False)
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        bad = (~torch.isfinite(norm)).float()
+        skipped.add_(bad)
+        if device.type == "cuda":  # a non-finite step is skipped on the device (no sync), as in train_unet
+            opt.found_inf = bad
         opt.step()
         return loss
 
-    stats = {**trainer.run(f"lora:{name}", steps, step, deadline), "mode": "eager" if graph is None else "graph"}
+    stats = {**trainer.run(f"lora:{name}", steps, step, deadline, on_log), "mode": state["mode"],
+             "skipped_steps": int(skipped.item())}
     net.detach_processor()
     state = kohya_state_dict(wrapped)
     remove_lora(unet, wrapped)
     return state, stats
+
+
+def save_half(model: SDXL, path: str) -> None:
+    """The model as an SGM single file in fp16 (half the bytes; load_sdxl casts to what is asked), atomically;
+    the model in memory keeps its dtype."""
+    import copy
+
+    half = copy.deepcopy(model)
+    for module in half.components().values():
+        module.to(torch.float16)
+    save_sgm(half, path)
 
 
 def save_atomic(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
@@ -634,6 +708,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the concepts whose LoRAs are trained")
     p.add_argument("--lora-batch", type=int, default=32, help="LoRA batch: half instance, half class images")
     p.add_argument("--log-every", type=int, default=200)
+    p.add_argument("--offset-noise", type=float, default=0.1, help="std of the offset noise (0: none)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -669,7 +744,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    trainer = Trainer(device, args.seed, 2 if tiny else args.log_every, log, say)
+    trainer = Trainer(device, args.seed, 2 if tiny else args.log_every, log, say, args.offset_noise)
     unet_cfg, vae_cfg, text_cfgs = demo_configs(tiny)
     if args.init:
         model = load_sdxl(args.init, device=device, dtype=torch.float32)
@@ -716,6 +791,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         stage_seconds["unet"] = time.monotonic() - t_stage
 
     os.makedirs(args.out, exist_ok=True)
+    ckpt = os.path.join(args.out, "demo_sdxl.safetensors")
+    if "lora" in args.stages and ("vae" in args.stages or "unet" in args.stages):
+        save_half(model, ckpt)  # the base model is safe before the LoRAs train (their stage can fail alone)
     loras = {}
     if "lora" in args.stages:
         n_img = 2 if tiny else args.concept_images
@@ -737,10 +815,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             loras[name] = path
             stage_seconds[f"lora:{name}"] = time.monotonic() - t_stage
 
-    for module in model.components().values():
-        module.to(torch.float16)  # halves the file; load_sdxl casts to the requested dtype anyway
-    ckpt = os.path.join(args.out, "demo_sdxl.safetensors")
-    save_sgm(model, ckpt)
+    save_half(model, ckpt)
     summary = {"checkpoint": ckpt, "loras": loras, "size": size, "scaling_factor": scale, "stats": stats,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "seconds": time.monotonic() - t0, "stage_seconds": stage_seconds, "args": vars(args),
