@@ -268,10 +268,12 @@ def training_boxes(scene, rng: np.random.Generator, per_object: int = 4, cut: in
 @torch.no_grad()
 def vae_round_trip(vae, images: Tensor, batch: int = 8) -> Tensor:
     """Encode (posterior mean) and decode with the demo VAE, quantised to 8 bits like a saved image."""
+    device = next(vae.parameters()).device
+    batch = batch if device.type == "cpu" else 8 * batch
     out = []
     for i in range(0, len(images), batch):
-        y = vae.decode(vae.encode(images[i:i + batch])).float().clamp(-1, 1)
-        out.append(((y + 1) * 127.5).round() / 127.5 - 1)
+        y = vae.decode(vae.encode(images[i:i + batch].to(device))).float().clamp(-1, 1)
+        out.append((((y + 1) * 127.5).round() / 127.5 - 1).to(images.device))
     return torch.cat(out)
 
 
@@ -367,7 +369,9 @@ def train_classifier(cfg: ClassifierConfig, vae=None, log=print) -> tuple[Identi
     log(f"classifier: {len(x)} training windows from {len(train)} scenes x {list(versions)} "
         f"({time.perf_counter() - t0:.0f} s); per label {dict(zip(LABELS, counts.tolist()))}")
     torch.manual_seed(cfg.seed)
-    net = IdentityNet(cfg.width)
+    device = next(vae.parameters()).device if vae is not None else torch.device("cpu")
+    net = IdentityNet(cfg.width).to(device)  # trained where the VAE is (the GPU when there is one)
+    x, y, y_colour = x.to(device), y.to(device), y_colour.to(device)
     # half-way to balanced classes (square root of the inverse frequency): background windows outnumber every
     # object label, but their errors are the costly ones (scores take a maximum over windows)
     weight = (counts.sum() / counts.clamp(min=1).float() / len(LABELS)).sqrt().clamp(max=4)
@@ -380,14 +384,14 @@ def train_classifier(cfg: ClassifierConfig, vae=None, log=print) -> tuple[Identi
         order = torch.randperm(len(x), generator=gen)
         total = 0.0
         for i in range(0, len(x), cfg.batch):
-            idx = order[i:i + cfg.batch]
+            idx = order[i:i + cfg.batch].to(device)
             xb = x[idx]
-            flip = torch.rand(len(xb), generator=gen) < 0.5  # shapes and patterns are left-right symmetric
+            flip = (torch.rand(len(xb), generator=gen) < 0.5).to(device)  # shapes and patterns are left-right symmetric
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            gain = 1 + 0.1 * (torch.rand(len(xb), 1, 1, 1, generator=gen) - 0.5)  # brightness +-5 %
+            gain = 1 + 0.1 * (torch.rand(len(xb), 1, 1, 1, generator=gen).to(device) - 0.5)  # brightness +-5 %
             xb = ((xb + 1) * gain - 1).clamp(-1, 1)
             logits, colour_logits = net.both(xb)
-            loss = (F.cross_entropy(logits, y[idx], weight=weight)
+            loss = (F.cross_entropy(logits, y[idx], weight=weight.to(device))
                     + 0.5 * F.cross_entropy(colour_logits, y_colour[idx], ignore_index=NO_COLOUR))
             opt.zero_grad()
             loss.backward()
@@ -395,6 +399,7 @@ def train_classifier(cfg: ClassifierConfig, vae=None, log=print) -> tuple[Identi
             sched.step()
             total += loss.item() * len(idx)
         log(f"  epoch {epoch + 1}/{cfg.epochs}: loss {total / len(x):.3f}")
+    net.cpu()
     report = {"config": asdict(cfg), "labels": list(LABELS), "train_windows": len(x),
               "train_windows_per_label": dict(zip(LABELS, counts.tolist()))}
     report["test"] = evaluate(net, cfg, vae)
