@@ -83,6 +83,9 @@ class OMGOptions:
     # -- running ---------------------------------------------------------------------------------------------
     cuda_graphs: Optional[bool] = _option(None, "replay repeated UNet calls as CUDA graphs; None: where valid "
                                                 "(CUDA, store='recompute', no self-attention replay)", parse=bool)
+    noise_device: str = _option("cpu", "device the noise is drawn on: 'cpu' gives a seed the same image on every "
+                                       "device; 'cuda' draws as diffusers with a CUDA generator and A1111's GPU RNG "
+                                       "do, to reproduce their seeds")
     progress: bool = _option(True, "show progress bars", parse=bool)
     keep_stage2: bool = _option(False, "return stage 2's BlendedEps in result.stage2 (to drive it with another "
                                        "sampler loop)", parse=None)
@@ -171,5 +174,9 @@ def _validate(o: OMGOptions) -> None:
         fail("feather", ">= 0")
     if o.sampler_options is not None and not all(isinstance(k, str) for k in o.sampler_options):
         fail("sampler_options", "a mapping of argument names to values")
+    try:
+        torch.device(o.noise_device)
+    except (RuntimeError, TypeError):
+        fail("noise_device", "a device name such as 'cpu' or 'cuda'")
     check_image_size(o.height, o.width)
     check_seeds(o.seed, o.num_images, o.seeds)
