@@ -58,9 +58,9 @@ def _flag(name: str) -> str:
 
 
 def _spec_keys_help() -> str:
-    from omg.spec import CONCEPT_KEYS, RUN_KEYS, option_checks
+    from omg.spec import CONCEPT_KEYS, INFO_KEY, RUN_KEYS, option_checks
     lines = ["A spec file (YAML or JSON, or an image omg wrote) takes these keys; paths are relative to it:"]
-    lines += [f"  {key}: {what}" for key, (_, what, _) in RUN_KEYS.items()]
+    lines += [f"  {key}: {what}" for key, (_, what, _) in RUN_KEYS.items() if key != INFO_KEY]
     lines.append("  each concept: " + ", ".join(CONCEPT_KEYS) + " (class_name and prompt required)")
     lines.append("  and every option above by its field name: " + ", ".join(option_checks()))
     return "\n".join(lines)
@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         if meta["parse"] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs.update(type=meta["parse"], choices=meta["choices"], nargs="+" if meta["many"] else None)
+            kwargs.update(type=meta["parse"], choices=meta["choices"], nargs="+" if meta["many"] else None,
+                          metavar=f.name.upper() if meta["choices"] else None)  # the help lists the choices
         g.add_argument(_flag(f.name), **kwargs)
     return parser
 

@@ -52,8 +52,8 @@ CONCEPT_KEYS: dict[str, tuple[Check, str, bool]] = {
     "class_name": (_is_str, "a string (the class noun in the global prompt)", False),
     "prompt": (_is_str, "a string (the concept's own prompt, with its identifier)", False),
     "lora": (_is_str, "a path to a LoRA file", True),
+    "negative_prompt": (_is_str, "a string (null: the global negative prompt)", True),
     "lora_scale": (_is_number, "a number", False),
-    "negative_prompt": (_is_str, "a string", True),
     "mask": (lambda v: _is_box(v) or _is_str(v), "a box [x0, y0, x1, y1] in pixels or a mask image path", True),
 }
 REQUIRED_CONCEPT_KEYS = ("class_name", "prompt")
