@@ -75,6 +75,10 @@ def test_flags_render_with_a_k_diffusion_sampler_and_the_image_renders_again_fro
     assert again.returncode == 0, again.stderr
     assert np.array_equal(pixels(out), pixels(tmp_path / "again.png"))
     assert np.array_equal(pixels(tmp_path / "o_stage1.png"), pixels(tmp_path / "again_stage1.png"))
+    # the stage-1 image records the run with no blending steps, which renders it (in-process: the same main)
+    assert json.loads(Image.open(tmp_path / "o_stage1.png").text["omg"])["blend_steps"] == 0
+    assert cli.main(["generate", "--spec", str(tmp_path / "o_stage1.png"), "--out", str(tmp_path / "s1.webp")]) == 0
+    assert np.array_equal(pixels(tmp_path / "o_stage1.png"), pixels(tmp_path / "s1.webp"))  # lossless WebP
 
 
 def test_a_batch_as_jpeg_with_a_lora_and_sam(tmp_path):
