@@ -23,6 +23,12 @@ TWO_CONCEPTS = ["--prompt", "a man and a woman in a park", "--concept", "man: a 
                 "--concept", "woman: a photo of xyz woman ! ugly"]
 
 
+@pytest.fixture(autouse=True)
+def _hash_cache(tmp_path_factory, monkeypatch):
+    """The short-hash cache of these runs (and their subprocesses) in a test folder, not the user's home."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 def omg_command(*args, cwd=None, timeout=600):
     """The real command in a fresh process (the repository on PYTHONPATH, one CPU thread)."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}

@@ -68,6 +68,16 @@ def test_caller_noise_replaces_the_seeded_noise(model):
         run(model, noise=noise, latents=noise)
 
 
+def test_sample_takes_caller_noise_too(model):
+    from omg.txt2img import sample_latents
+    kw = dict(steps=3, height=H, width=W, progress=False)
+    noise = model.noise([torch.Generator().manual_seed(4)], H, W)
+    assert torch.equal(sample_latents(model, "a cat", seed=0, noise=noise, **kw), sample_latents(model, "a cat", seed=4,
+                                                                                                 **kw))
+    with pytest.raises(OptionError, match="noise must have shape"):
+        sample_latents(model, "a cat", num_images=2, noise=noise, **kw)
+
+
 def test_the_noise_device_draws_the_noise(model):
     assert run(model, noise_device="cpu").latent.equal(run(model).latent)
     with pytest.raises(OptionError, match="noise_device"):
