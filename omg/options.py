@@ -75,7 +75,8 @@ class OMGOptions:
                                         "UNet call a step (grouped), or merged tensors swapped in per concept",
                              choices=LORA_MODES)
     # -- masks -----------------------------------------------------------------------------------------------
-    sam: Union[str, "SamRefiner", None] = _option(None, "segment-anything checkpoint (vit_b/l/h) to refine the masks")
+    sam: Union[str, "SamRefiner", None] = _option(None, "segment-anything checkpoint (vit_b/l/h, or any size: "
+                                                        "its config is read from the shapes) to refine the masks")
     dilate: int = _option(0, "grow each mask by this many latent pixels into unclaimed ones", parse=int)
     feather: float = _option(0.0, "soften mask edges over this many latent pixels", parse=float)
     strict: bool = _option(False, "fail when a concept is not found in the stage-1 image (else: skip it)",
