@@ -1,8 +1,14 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# one version, in omg/__init__.py (omg --version reads it there)
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "omg" / "__init__.py").read_text()).group(1)
 
 setup(
     name="omg",
-    version="0.1.0",
+    version=VERSION,
     description="OMG: occlusion-friendly personalized multi-concept generation with SDXL, in PyTorch + Triton",
     packages=find_packages(include=["omg", "omg.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
@@ -16,6 +22,9 @@ setup(
         "tqdm",
         "transformers>=4.44",  # CLIP-L text encoder
         "open-clip-torch>=2.24",  # bundled BPE vocabulary; bigG text tower
+        "k-diffusion>=0.1.1,<0.2",  # the samplers besides DDIM (euler, dpmpp_2m, ...)
+        "setuptools<81",  # k-diffusion imports clip, which imports pkg_resources (gone from setuptools 81)
+        "segment-anything>=1.0",  # --sam: mask refinement
     ],
     extras_require={
         # test-only reference implementations, pinned to the versions the tests were written against

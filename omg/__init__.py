@@ -8,7 +8,10 @@
 from omg.model import SDXL, load_sdxl
 from omg.options import OMGOptions
 
-__all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Result", "generate", "sample", "regional_sample"]
+__version__ = "0.1.0"  # setup.py reads it here
+
+__all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Result", "generate", "check_request", "StepEvent",
+           "latent_preview", "sample", "regional_sample"]
 
 
 def __getattr__(name: str):
@@ -16,6 +19,15 @@ def __getattr__(name: str):
     if name in ("Concept", "Result", "generate"):
         from omg import pipeline
         return getattr(pipeline, name)
+    if name == "check_request":
+        from omg.pipeline import check_request
+        return check_request
+    if name == "StepEvent":
+        from omg.callbacks import StepEvent
+        return StepEvent
+    if name == "latent_preview":
+        from omg.preview import latent_preview
+        return latent_preview
     if name == "sample":
         from omg.txt2img import sample
         return sample

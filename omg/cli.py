@@ -5,24 +5,28 @@
         --concept "woman: a photo of xyz woman @ xyz.safetensors" --out out.png --save-masks
     omg generate --spec concepts.yaml         # the same as a YAML/JSON file (keys as the flags, concepts as a list)
     omg generate --spec concepts.yaml --seeds 3 8 21      # three images in one batch: out.png, out_1.png, out_2.png
+    omg generate --spec out.png               # the run recorded in an image omg wrote: the same image again
 
-The options are omg.OMGOptions' fields (flag --blend-steps = spec key blend_steps). Writes each image with its
-generation parameters in a PNG text chunk ("parameters", JSON), its stage-1 image (<stem>_stage1.png) and, on
-request, mask and attention overlays.
+The options are omg.OMGOptions' fields (flag --blend-steps = spec key blend_steps). Everything is checked before
+any weights are loaded (spec keys and types, options, prompt and concepts, files, the output path). Each image is
+written (.png, .jpg or .webp) with A1111's "parameters" text and the whole run as JSON (omg.imagefile), beside its
+stage-1 image (<stem>_stage1<ext>) and, on request, mask and attention overlays; all of a run's files appear
+together or not at all.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import sys
 import warnings
 from typing import Any, Optional
 
-DEMO_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "demo",
-                               "demo_sdxl.safetensors")  # written by demo/train.py
-DEMO_SPEC = os.path.join(os.path.dirname(DEMO_CHECKPOINT), "demo.yaml")  # the demo's prompt and concepts
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+from omg.spec import DEMO_FOLDER, DTYPES
+
+DEMO_CHECKPOINT = os.path.join(DEMO_FOLDER, "demo_sdxl.safetensors")  # written by demo/train.py
+DEMO_SPEC = os.path.join(DEMO_FOLDER, "demo.yaml")  # the demo's prompt and concepts
+log = logging.getLogger("omg")
 
 
 def parse_concept(text: str) -> dict:
@@ -40,79 +44,65 @@ def parse_concept(text: str) -> dict:
         rest, lora = (s.strip() for s in rest.split("@", 1))
         if "*" in lora:
             lora, scale = lora.rsplit("*", 1)
-            concept["lora_scale"] = float(scale)
+            try:
+                concept["lora_scale"] = float(scale)
+            except ValueError:
+                raise OptionError(f"--concept {text!r}: the LoRA scale after '*' must be a number, got {scale!r}")
         concept["lora"] = lora.strip()
     concept["prompt"] = rest
     return concept
-
-
-def load_spec(path: str) -> dict:
-    with open(path) as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-        spec = yaml.safe_load(text)
-    else:
-        spec = json.loads(text)
-    if not isinstance(spec, dict):
-        from omg.errors import OptionError
-        raise OptionError(f"{path}: expected a mapping of options, got {type(spec).__name__}")
-    base = os.path.dirname(os.path.abspath(path))
-    for c in spec.get("concepts", []):  # LoRA paths are relative to the spec file
-        if c.get("lora") and not os.path.isabs(c["lora"]):
-            c["lora"] = os.path.join(base, c["lora"])
-    return spec
-
-
-RUN_KEYS = ("prompt", "concepts", "checkpoint", "device", "dtype")  # spec keys that are not OMGOptions fields
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _spec_keys_help() -> str:
+    from omg.spec import CONCEPT_KEYS, INFO_KEY, RUN_KEYS, option_checks
+    lines = ["A spec file (YAML or JSON, or an image omg wrote) takes these keys; paths are relative to it:"]
+    lines += [f"  {key}: {what}" for key, (_, what, _) in RUN_KEYS.items() if key != INFO_KEY]
+    lines.append("  each concept: " + ", ".join(CONCEPT_KEYS) + " (class_name and prompt required)")
+    lines.append("  and every option above by its field name: " + ", ".join(option_checks()))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import omg
     from omg.options import OMGOptions, cli_options
 
     parser = argparse.ArgumentParser(prog="omg", description="Occlusion-friendly multi-concept SDXL generation.")
+    parser.add_argument("--version", action="version", version=f"omg {omg.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="render multi-concept images",
+    g = sub.add_parser("generate", help="render multi-concept images", epilog=_spec_keys_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Render images in which every concept keeps its identity. The options after "
                                    "--save-attention are omg.OMGOptions' fields; a spec file takes the same "
                                    "names (with underscores).")
-    g.add_argument("--spec", help="YAML/JSON file with any of the options below and a 'concepts' list")
+    g.add_argument("--spec", help="YAML/JSON file with any of the options below and a 'concepts' list, or an image "
+                                  "omg wrote (renders its recorded run again)")
     g.add_argument("--checkpoint", help="SDXL single-file .safetensors or diffusers folder (default: demo weights)")
     g.add_argument("--prompt", help="global prompt naming each concept's class noun")
     g.add_argument("--concept", action="append", default=[],
                    help="'class: prompt [@ lora.safetensors[*scale]] [! negative prompt]' (repeatable)")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    g.add_argument("--out", default="omg.png", help="image path; a batch writes <out>, <stem>_1.png, <stem>_2.png, ...")
-    g.add_argument("--save-masks", action="store_true", help="also write <stem>_masks.png")
-    g.add_argument("--save-attention", action="store_true", help="also write <stem>_attention_<i>.png")
+    g.add_argument("--out", default="omg.png", help="image path, .png, .jpg or .webp; a batch writes <out>, "
+                                                    "<stem>_1<ext>, <stem>_2<ext>, ... (default: omg.png)")
+    g.add_argument("--save-masks", action="store_true", help="also write <stem>_masks<ext>, with a legend")
+    g.add_argument("--save-attention", action="store_true", help="also write <stem>_attention_<i><ext>")
     defaults = OMGOptions()
     for f in cli_options():  # one flag per option, named, typed and explained by its field
         meta = f.metadata
+        choices = f"; one of: {', '.join(meta['choices'])}" if meta["choices"] else ""
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
-                                  "help": f"{meta['help']} (default: {getattr(defaults, f.name)!r})"}
+                                  "help": f"{meta['help']} (default: {getattr(defaults, f.name)!r}{choices})"}
         if meta["parse"] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs.update(type=meta["parse"], choices=meta["choices"], nargs="+" if meta["many"] else None)
+            kwargs.update(type=meta["parse"], choices=meta["choices"], nargs="+" if meta["many"] else None,
+                          metavar=f.name.upper() if meta["choices"] else None)  # the help lists the choices
         g.add_argument(_flag(f.name), **kwargs)
     return parser
-
-
-def save_png(image: Any, path: str, parameters: Optional[dict] = None) -> None:
-    """Write atomically (temp file + rename): an interrupted run never leaves half a PNG."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from omg.atomic import atomic_path
-    info = PngInfo()
-    if parameters is not None:
-        info.add_text("parameters", json.dumps(parameters))
-    with atomic_path(path, ".png") as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def _load_model(checkpoint: Optional[str], device: str, dtype: Any) -> tuple[Any, str]:
@@ -130,80 +120,184 @@ def _load_model(checkpoint: Optional[str], device: str, dtype: Any) -> tuple[Any
     return model, "random-tiny"
 
 
-def _paths(out: str, index: int) -> tuple[str, str]:
-    """(image path, stem for the extra files) of image `index` of a batch: out.png, out_1.png, out_2.png, ..."""
+def output_paths(out: str, index: int) -> tuple[str, str, str]:
+    """(image path, stem, extension) of image `index` of a batch: out.png, out_1.png, out_2.png, ..."""
     stem, ext = os.path.splitext(out)
+    ext = ext or ".png"
     stem = stem if index == 0 else f"{stem}_{index}"
-    return stem + (ext or ".png"), stem
+    return stem + ext, stem, ext
+
+
+def planned_outputs(args: argparse.Namespace, images: int, concepts: int) -> list[str]:
+    """Every file a run of `images` images with `concepts` concepts writes (see _write_outputs)."""
+    paths = []
+    for i in range(images):
+        out, stem, ext = output_paths(args.out, i)
+        paths += [out, f"{stem}_stage1{ext}"]
+        paths += [f"{stem}_masks{ext}"] if args.save_masks and concepts else []
+        paths += [f"{stem}_attention_{j}{ext}" for j in range(concepts)] if args.save_attention else []
+    return paths
+
+
+def _gather(args: argparse.Namespace) -> dict:
+    """The run's keys from the spec file (or the demo scene) and the flags, flags over the spec."""
+    from omg.options import cli_options
+    from omg.spec import load_spec
+
+    spec = load_spec(args.spec) if args.spec else {}
+    if not (args.spec or args.prompt or args.checkpoint or args.concept) and os.path.exists(DEMO_SPEC):
+        spec = load_spec(DEMO_SPEC)  # bare `omg generate`: the demo world's scene, with its masks
+        args.save_masks = True
+    spec.update({k: getattr(args, k) for k in ("prompt", "checkpoint", "device", "dtype")
+                 if getattr(args, k) is not None})
+    spec.update({f.name: getattr(args, f.name) for f in cli_options() if hasattr(args, f.name)})
+    spec["concepts"] = spec.get("concepts", []) + [parse_concept(c) for c in args.concept]
+    return spec
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from omg.errors import OptionError
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"--device {device!r}: not a device name (cuda, cuda:1, cpu)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+
+
+def _concept(c: dict) -> Any:
+    """An omg.Concept from a spec's concept (a mask path becomes the image it names)."""
+    import omg
+    from omg.errors import SpecError
+    c = dict(c)
+    if isinstance(c.get("mask"), str):
+        from PIL import Image
+        try:
+            with Image.open(c["mask"]) as im:
+                c["mask"] = im.convert("L")
+        except OSError as e:
+            raise SpecError(f"concept {c['class_name']!r}: cannot read the mask image {c['mask']} ({e})") from e
+    return omg.Concept(**c)
 
 
 def generate_command(args: argparse.Namespace) -> int:
     import torch
 
     import omg
-    from omg.errors import OptionError
-    from omg.masks import overlay_heatmap, overlay_masks
-    from omg.options import cli_options
+    from omg.errors import CheckpointError, OptionError
+    from omg.imagefile import check_output_path
+    from omg.options import option_names
 
-    spec = load_spec(args.spec) if args.spec else {}
-    if not (args.spec or args.prompt or args.checkpoint or args.concept) and os.path.exists(DEMO_SPEC):
-        spec = load_spec(DEMO_SPEC)  # bare `omg generate`: the demo world's scene, with its masks
-        args.save_masks = True
-    option_names = [f.name for f in cli_options()]
-    unknown = sorted(set(spec) - set(option_names) - set(RUN_KEYS))
-    if unknown:
-        raise OptionError(f"unknown options {unknown} in {args.spec}; known: {sorted(option_names + list(RUN_KEYS))}")
-    spec.update({k: getattr(args, k) for k in ("prompt", "checkpoint", "device", "dtype")
-                 if getattr(args, k) is not None})
-    chosen = {k: v for k, v in spec.items() if k in option_names}
-    chosen.update({k: getattr(args, k) for k in option_names if hasattr(args, k)})  # flags over the spec
-    concepts = spec.get("concepts", []) + [parse_concept(c) for c in args.concept]
-    prompt = spec.get("prompt")
+    # ---- everything that can fail, checked before any weights are loaded ------------------------------------
+    spec = _gather(args)
+    prompt, concept_specs = spec.get("prompt"), spec["concepts"]
     if not prompt:
         raise OptionError("a --prompt (or 'prompt' in the spec) is required")
     device = spec.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
     dtype_name = spec.get("dtype") or ("fp16" if device.startswith("cuda") else "fp32")
+    chosen = {k: v for k, v in spec.items() if k in option_names()}
     if not spec.get("checkpoint"):  # the demo weights or the random fallback: both are 256-pixel models
         chosen.setdefault("height", 256)
         chosen.setdefault("width", 256)
-    options = omg.OMGOptions(**chosen)  # checked before the model is loaded
+    elif not os.path.exists(spec["checkpoint"]):
+        raise CheckpointError(f"{spec['checkpoint']}: no such checkpoint file or folder")
+    options = omg.OMGOptions(**chosen)
+    concepts = [_concept(c) for c in concept_specs]
+    omg.check_request(prompt, concepts, options)
+    for path in planned_outputs(args, len(options.image_seeds), len(concepts)):
+        check_output_path(path)
+
+    # ---- the work -------------------------------------------------------------------------------------------
     model, source = _load_model(spec.get("checkpoint"), device, getattr(torch, DTYPES[dtype_name]))
-    results = omg.generate(model, prompt, [omg.Concept(**c) for c in concepts], options)
+    results = omg.generate(model, prompt, concepts, options)
     results = results if isinstance(results, list) else [results]
-    written = []
-    for i, result in enumerate(results):
-        per_image = {k: v for k, v in chosen.items() if k not in ("seeds", "num_images")}  # each PNG: its own seed
-        parameters = {"prompt": prompt, "concepts": concepts, "checkpoint": source, "dtype": dtype_name,
-                      **per_image, "seed": result.seed,
-                      "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-                      "masks_found": result.concept_masks.found, "mask_sources": result.mask_sources}
-        out, stem = _paths(args.out, i)
-        save_png(result.image, out, parameters)
-        save_png(result.stage1_image, stem + "_stage1.png", {**parameters, "stage": 1})
-        written += [out, stem + "_stage1.png"]
-        if args.save_masks and len(concepts):
-            save_png(overlay_masks(result.stage1_image, result.masks), stem + "_masks.png")
-            written.append(stem + "_masks.png")
-        if args.save_attention:
-            for j in range(len(concepts)):
-                save_png(overlay_heatmap(result.stage1_image, result.heatmaps[j]), f"{stem}_attention_{j}.png")
-                written.append(f"{stem}_attention_{j}.png")
-        for c, found in zip(concepts, result.concept_masks.found):
-            if not found:
-                print(f"omg: concept {c['class_name']!r} was not found in the stage-1 image of seed {result.seed} "
-                      f"and was skipped", file=sys.stderr)
-    print("wrote " + ", ".join(written))
-    print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in results[0].timings.items()))
+    written = _write_outputs(args, results, spec, options, device, dtype_name, source)
+    log.info("wrote %s", ", ".join(written))
+    log.info("timings (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in results[0].timings.items()))
     return 0
 
 
+def _write_outputs(args: argparse.Namespace, results: list, spec: dict, options: Any, device: str, dtype_name: str,
+                   source: str) -> list[str]:
+    """Every file of the run, staged and renamed together (AtomicFileSet): all appear, or none does."""
+    import omg
+    from omg.atomic import AtomicFileSet
+    from omg.hashes import lora_hash, model_hash
+    from omg.imagefile import image_format, save_image
+    from omg.infotext import LoraInfo, a1111_parameters, model_name
+    from omg.masks import overlay_heatmap, overlay_masks
+    from omg.spec import run_record
+
+    prompt, concept_specs = spec["prompt"], spec["concepts"]
+    checkpoint_file = source if os.path.exists(source) else None
+    ckpt_hash = model_hash(checkpoint_file) if checkpoint_file else None
+    loras = [LoraInfo(c["class_name"], c["prompt"], model_name(c.get("lora")), c.get("lora_scale", 0.8),
+                      lora_hash(c["lora"]) if c.get("lora") else None) for c in concept_specs]
+    hashes = {"model": ckpt_hash, "loras": [lora.hash for lora in loras]}
+    names = [c["class_name"] for c in concept_specs]
+    with AtomicFileSet() as files:
+        for i, result in enumerate(results):
+            out, stem, ext = output_paths(args.out, i)
+            fmt = image_format(out)
+            info = {"omg_version": omg.__version__, "hashes": hashes, "masks_found": result.concept_masks.found,
+                    "mask_sources": result.mask_sources,
+                    "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
+            # the stage-1 image is the run with no blending steps (blending over zero steps gives stage 1)
+            for path, image, run_options, stage in (
+                    (out, result.image, options.replace(seed=result.seed, seeds=None, num_images=1), 2),
+                    (f"{stem}_stage1{ext}", result.stage1_image,
+                     options.replace(seed=result.seed, seeds=None, num_images=1, blend_steps=0), 1)):
+                record = run_record(prompt, concept_specs, spec.get("checkpoint"), device, dtype_name, run_options,
+                                    path, {**info, "stage": stage})
+                parameters = a1111_parameters(prompt, run_options, result.seed, model_name(checkpoint_file),
+                                              ckpt_hash, loras, omg.__version__)
+                save_image(image, files.path(path), fmt, parameters, record)
+            if args.save_masks and concept_specs:
+                save_image(overlay_masks(result.stage1_image, result.masks, names=names),
+                           files.path(f"{stem}_masks{ext}"), fmt)
+            if args.save_attention:
+                for j in range(len(concept_specs)):
+                    save_image(overlay_heatmap(result.stage1_image, result.heatmaps[j]),
+                               files.path(f"{stem}_attention_{j}{ext}"), fmt)
+            for name, found in zip(names, result.concept_masks.found):
+                if not found:
+                    log.warning("concept %r was not found in the stage-1 image of seed %d and was skipped", name,
+                                result.seed)
+        staged = [final for _, final in files.staged]
+    return staged
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment (a test's captured stream, too), not the one at set-up."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def setup_logging() -> None:
+    """omg's log lines on stderr as 'omg: message' (once per process)."""
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+        log.handlers[-1].setFormatter(logging.Formatter("omg: %(message)s"))
+    log.setLevel(logging.INFO)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return generate_command(args)
-    except (ValueError, FileNotFoundError) as e:  # omg's input errors are ValueErrors: one line, no trace
-        print(f"omg: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:  # omg's input errors are ValueErrors: one line, no trace
+        log.error("error: %s", e)
         return 2
     return 1
 

@@ -8,8 +8,10 @@ Every one is an OmgError, itself a ValueError, so `except ValueError` still catc
       SamplingError      sampling cannot run or stopped: bad arguments, or a non-finite latent
         OptionError      an option of generate/sample (omg.OMGOptions) is out of range or unknown
         ScheduleError    stage 2 was driven over another sampler or sigma schedule than stage 1's
+        SpecError        a spec file (YAML/JSON, or an image's recorded run) with a bad key, type or syntax
       MaskError          a class noun, user mask, box or heat map that the concept masks cannot use
       ModelError         a model component or attention layer that is missing or does not fit
+      OutputError        an output path that cannot be written, or of a format omg does not write
 """
 
 
@@ -37,12 +39,20 @@ class ScheduleError(SamplingError):
     """Stage 2 was driven over another sampler, sigma schedule or starting latent than stage 1 recorded."""
 
 
+class SpecError(OptionError):
+    """A spec file is unreadable, or one of its keys is unknown or holds a value of the wrong type."""
+
+
 class MaskError(OmgError):
     """A class noun, user mask, box or heat map that the concept masks cannot be made from."""
 
 
 class ModelError(OmgError):
     """A model bundle lacks a component, or a config or attention layer does not exist or fit."""
+
+
+class OutputError(OmgError):
+    """An output path that cannot be written (no folder, not writable, a folder itself) or of an unknown format."""
 
 
 class UnknownLayerError(ModelError, KeyError):

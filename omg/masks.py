@@ -410,14 +410,33 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (240, 50, 230), (210, 245, 60)]
 
 
-def overlay_masks(image: Any, masks: Tensor, alpha: float = 0.5) -> Image.Image:
-    """The image with each concept's mask [k, h, w] tinted in its palette colour (for --save-masks)."""
+def overlay_masks(image: Any, masks: Tensor, alpha: float = 0.5,
+                  names: Optional[Sequence[str]] = None) -> Image.Image:
+    """The image with each concept's mask [k, h, w] tinted in its palette colour (for --save-masks); with `names`,
+    a legend band below the image names each concept beside a swatch of its colour."""
     base = torch.from_numpy(image_array(image)).float()
     m = F.interpolate(masks.float().cpu()[None], base.shape[:2], mode="nearest")[0]
     colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(len(m))], dtype=torch.float32)
     tint = torch.einsum("khw,kc->hwc", m, colours)
     cover = alpha * m.sum(0).clamp(0, 1)[..., None]
-    return Image.fromarray((base * (1 - cover) + alpha * tint).clamp(0, 255).byte().numpy())
+    tinted = Image.fromarray((base * (1 - cover) + alpha * tint).clamp(0, 255).byte().numpy())
+    return tinted if names is None else _with_legend(tinted, names)
+
+
+LEGEND_ROW = 14  # pixels per legend line: the default bitmap font is 11 pixels high
+
+
+def _with_legend(image: Image.Image, names: Sequence[str]) -> Image.Image:
+    from PIL import ImageDraw
+
+    out = Image.new("RGB", (image.width, image.height + LEGEND_ROW * len(names) + 4), (0, 0, 0))
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, name in enumerate(names):
+        top = image.height + 2 + LEGEND_ROW * i
+        draw.rectangle((2, top + 1, 12, top + 11), fill=PALETTE[i % len(PALETTE)])
+        draw.text((16, top), f"{i}: {name}", fill=(255, 255, 255))
+    return out
 
 
 def overlay_heatmap(image: Any, heat: Tensor, alpha: float = 0.5) -> Image.Image:

@@ -75,7 +75,8 @@ class OMGOptions:
                                         "UNet call a step (grouped), or merged tensors swapped in per concept",
                              choices=LORA_MODES)
     # -- masks -----------------------------------------------------------------------------------------------
-    sam: Union[str, "SamRefiner", None] = _option(None, "segment-anything checkpoint (vit_b/l/h) to refine the masks")
+    sam: Union[str, "SamRefiner", None] = _option(None, "segment-anything checkpoint (vit_b/l/h, or any size: "
+                                                        "its config is read from the shapes) to refine the masks")
     dilate: int = _option(0, "grow each mask by this many latent pixels into unclaimed ones", parse=int)
     feather: float = _option(0.0, "soften mask edges over this many latent pixels", parse=float)
     strict: bool = _option(False, "fail when a concept is not found in the stage-1 image (else: skip it)",
@@ -83,6 +84,9 @@ class OMGOptions:
     # -- running ---------------------------------------------------------------------------------------------
     cuda_graphs: Optional[bool] = _option(None, "replay repeated UNet calls as CUDA graphs; None: where valid "
                                                 "(CUDA, store='recompute', no self-attention replay)", parse=bool)
+    noise_device: str = _option("cpu", "device the noise is drawn on: 'cpu' gives a seed the same image on every "
+                                       "device; 'cuda' draws as diffusers with a CUDA generator and A1111's GPU RNG "
+                                       "do, to reproduce their seeds")
     progress: bool = _option(True, "show progress bars", parse=bool)
     keep_stage2: bool = _option(False, "return stage 2's BlendedEps in result.stage2 (to drive it with another "
                                        "sampler loop)", parse=None)
@@ -171,5 +175,9 @@ def _validate(o: OMGOptions) -> None:
         fail("feather", ">= 0")
     if o.sampler_options is not None and not all(isinstance(k, str) for k in o.sampler_options):
         fail("sampler_options", "a mapping of argument names to values")
+    try:
+        torch.device(o.noise_device)
+    except (RuntimeError, TypeError):
+        fail("noise_device", "a device name such as 'cpu' or 'cuda'")
     check_image_size(o.height, o.width)
     check_seeds(o.seed, o.num_images, o.seeds)

@@ -11,23 +11,26 @@ seeds run as one batch through both stages, each image with its own noise, heat 
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from omg.attention import AttentionControl, original_self_replay_queries
+from omg.callbacks import StepCallback, StepEvent
 from omg.concept_weights import GroupedWeights, MergedWeights, StageTwoWeights
-from omg.errors import OptionError, SamplingError
+from omg.errors import LoraError, OptionError, SamplingError
 from omg.graphs import graphs_usable
 from omg.inputs import check_model
 from omg.lora import ConceptWeights, LoraFile, bind, load_lora, text_encoder_lora
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks, token_heatmaps
 from omg.options import DEFAULT_NEGATIVE, LORA_MODES, OMGOptions  # noqa: F401 (re-exported)
-from omg.sampling import NoiseSchedule, diffusers_ddim_options, run_sampler
+from omg.sampling import NoiseSchedule, StepInfo, diffusers_ddim_options, get_sampler, run_sampler
 from omg.schedule import CallSchedule
 from omg.stage1 import run_stage1
 from omg.stage2 import BlendedEps, cfg_rows
@@ -69,8 +72,9 @@ class Result:
 
 
 @torch.no_grad()
-def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options: Optional[OMGOptions] = None,
-             **overrides: Any) -> Union[Result, list[Result]]:
+def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options: Optional[OMGOptions] = None, *,
+             callback: Optional[StepCallback] = None, noise: Optional[Tensor] = None,
+             latents: Optional[Tensor] = None, **overrides: Any) -> Union[Result, list[Result]]:
     """Render `prompt` with every concept's identity inside its region (OMG, Kong et al. 2024).
 
     concepts: omg.Concept list; each class_name must occur in the prompt (twice for two concepts of one class).
@@ -78,10 +82,18 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
     (``generate(model, prompt, concepts, steps=30, seed=4)``). Every option is described on OMGOptions.
     Returns one Result, or, when several images are asked for (num_images > 1 or seeds), a list of Results in
     seed order, rendered as one batch: each equals the single call of its seed up to float rounding.
+
+    callback(omg.StepEvent) runs after the model call of every stage-1 step and every blending step of stage 2
+    (event.preview() is a cheap RGB preview). noise (or its diffusers name, latents): the initial latents
+    (B, C, H/8, W/8), one per image, instead of drawing them from the seeds (which still seed the noise of
+    stochastic samplers); options.noise_device chooses where seeded noise is drawn.
     """
     options = (options if options is not None else OMGOptions()).replace(**overrides)
     concepts = list(concepts)
-    inputs = _Inputs.check(model, prompt, concepts, options)  # everything that can fail before any weights move
+    if noise is not None and latents is not None:
+        raise OptionError("give noise or latents (the same thing, diffusers' name), not both")
+    noise = noise if noise is not None else latents
+    inputs = _Inputs.check(model, prompt, concepts, options, noise)  # all that can fail before any weights move
     o, unet, n = options, model.unet, len(inputs.seeds)
     timer = _Timer(model.device)
 
@@ -100,7 +112,9 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
     o = o.replace(sampler_options=diffusers_ddim_options(noise_schedule, o.steps, o.spacing, o.sampler,
                                                          o.sampler_options))
     calls = CallSchedule.plan(o.sampler, sigmas, o.blend_steps, noise_schedule, o.sampler_options)
-    noise = model.noise(_generators(inputs.seeds), o.height, o.width)
+    if noise is None:
+        noise = model.noise(_generators(inputs.seeds, o.noise_device), o.height, o.width)
+    noise = noise.to(model.device, torch.float32)
     latent_hw = tuple(noise.shape[-2:])
     control = AttentionControl(unet, o.store, replay_calls=calls.blend_calls,
                                self_replay_calls=calls.self_replay_calls(o.self_replay_steps),
@@ -112,14 +126,15 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
 
     # ---- stage 1: the global prompt with the base model -----------------------------------------------------
     stage1 = run_stage1(unet, noise, sigmas, o.sampler, calls, cfg_rows(base_cond, n), control, o.guidance,
-                        o.guidance_rescale, noise_schedule, _generators(inputs.seeds), o.sampler_options,
-                        inputs.cuda_graphs, o.progress)
+                        o.guidance_rescale, noise_schedule, _generators(inputs.seeds, o.noise_device),
+                        o.sampler_options, inputs.cuda_graphs, o.progress, _reporter(callback, "stage1", o.steps))
     timer.lap("stage1")
     stage1_images = model.decode(stage1.latent)
     timer.lap("decode_stage1")
 
     # ---- masks: each image's concept regions from its class-token attention (or SAM, or the user) ------------
-    concept_masks = [_masks(control, inputs, stage1_images[b], b, o) for b in range(n)]
+    concept_masks = [_masks(control, inputs, stage1_images[b], b, o)
+                     for b in tqdm(range(n), desc="masks", disable=not o.progress or not concepts)]
     active = [i for i in range(len(concepts)) if any(m.found[i] for m in concept_masks)]
     timer.lap("masks")
 
@@ -133,8 +148,12 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
                             [[j for j, i in enumerate(active) if m.found[i]] for m in concept_masks],
                             o.guidance, o.guidance_rescale, o.replay, inputs.cuda_graphs)
         with stage2:
+            # steps before the blend start are answered from stage 1's record: the bar counts the blending ones
             final = run_sampler(stage2, noise, sigmas, o.sampler, schedule=noise_schedule, disable=not o.progress,
-                                generator=_generators(inputs.seeds), **(o.sampler_options or {}))
+                                generator=_generators(inputs.seeds, o.noise_device), label="stage 2",
+                                count_from=o.blend_start, callback=_reporter(callback, "stage2", o.steps,
+                                                                             o.blend_start),
+                                **(o.sampler_options or {}))
     timer.lap("stage2")
 
     # ---- decode ---------------------------------------------------------------------------------------------
@@ -152,6 +171,37 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
 
 # ------------------------------------------------------------------------------------------------- the steps
 
+def check_request(prompt: str, concepts: Sequence[Concept], options: OMGOptions) -> None:
+    """The checks of a generate call that need no model: the CLI runs them before loading any weights.
+
+    The prompt, each concept and its class noun in the prompt, user masks, LoRA and SAM files, and that the
+    sampler's and SAM's packages import.
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise OptionError(f"prompt must be a non-empty string, got {prompt!r}")
+    for i, c in enumerate(concepts):
+        if not isinstance(c, Concept):
+            raise OptionError(f"concept {i} must be an omg.Concept, got {type(c).__name__}")
+        if isinstance(c.lora, (str, os.PathLike)) and not os.path.exists(c.lora):
+            raise LoraError(f"concept {i} ({c.class_name!r}): no LoRA file {os.fspath(c.lora)}")
+    names = [c.class_name for c in concepts]
+    if concepts:
+        concept_token_indices(prompt, names)
+    prepare_user_masks([c.mask for c in concepts], (options.height, options.width), names)
+    try:
+        get_sampler(options.sampler)
+    except ImportError as e:  # k-diffusion installs with omg: this is a broken environment
+        raise OptionError(str(e)) from e
+    if isinstance(options.sam, (str, os.PathLike)):
+        if not os.path.isfile(options.sam):
+            raise OptionError(f"sam: no segment-anything checkpoint {os.fspath(options.sam)}")
+        try:
+            import segment_anything  # noqa: F401
+        except ImportError as e:
+            raise OptionError(f"sam needs the segment-anything package (it installs with omg: pip install -e .); "
+                              f"import failed with: {e}") from e
+
+
 @dataclass(frozen=True)
 class _Inputs:
     """generate's inputs, checked and prepared before any weights are loaded."""
@@ -164,15 +214,17 @@ class _Inputs:
     cuda_graphs: bool
 
     @classmethod
-    def check(cls, model: Any, prompt: str, concepts: Sequence[Concept], o: OMGOptions) -> "_Inputs":
+    def check(cls, model: Any, prompt: str, concepts: Sequence[Concept], o: OMGOptions,
+              noise: Optional[Tensor] = None) -> "_Inputs":
         check_model(model, "omg.generate")
         if model.vae.config.downscale != 8:
             raise SamplingError(f"the VAE downscales by {model.vae.config.downscale}; OMG's masks assume SDXL's 8")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise OptionError(f"prompt must be a non-empty string, got {prompt!r}")
-        for i, c in enumerate(concepts):
-            if not isinstance(c, Concept):
-                raise OptionError(f"concept {i} must be an omg.Concept, got {type(c).__name__}")
+        check_request(prompt, concepts, o)
+        seeds = list(o.image_seeds)
+        expected = (len(seeds), model.unet.config.in_channels, o.height // 8, o.width // 8)
+        if noise is not None and (not isinstance(noise, Tensor) or tuple(noise.shape) != expected):
+            raise OptionError(f"noise must be a tensor of shape {expected} (images, latent channels, height / 8, "
+                              f"width / 8), got {tuple(noise.shape) if isinstance(noise, Tensor) else noise!r}")
         graphable = graphs_usable(torch.device(model.device)) and o.store == "recompute" and o.self_replay_steps == 0
         if o.cuda_graphs and not graphable:
             raise OptionError("cuda_graphs needs a CUDA model, store='recompute' and self_replay_steps=0")
@@ -180,7 +232,7 @@ class _Inputs:
         token_indices = concept_token_indices(prompt, names) if concepts else []
         user_masks = prepare_user_masks([c.mask for c in concepts], (o.height, o.width), names)
         sam = SamRefiner(o.sam, device=model.device) if isinstance(o.sam, str) else o.sam
-        return cls(list(o.image_seeds), names, token_indices, sorted({i for idx in token_indices for i in idx}),
+        return cls(seeds, names, token_indices, sorted({i for idx in token_indices for i in idx}),
                    user_masks, sam, graphable if o.cuda_graphs is None else o.cuda_graphs)
 
 
@@ -230,10 +282,22 @@ def _masks(control: AttentionControl, inputs: _Inputs, stage1_image: Image.Image
                       strict=o.strict)
 
 
-def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per image, seeded afresh for the initial noise, stage 1's sampler and stage 2's sampler:
-    both stages draw the same noise."""
-    return [torch.Generator().manual_seed(s) for s in seeds]
+def _generators(seeds: Sequence[int], device: str = "cpu") -> list[torch.Generator]:
+    """One generator per image on `device` (the CPU by default), seeded afresh for the initial noise, stage 1's
+    sampler and stage 2's sampler: both stages draw the same noise."""
+    return [torch.Generator(device).manual_seed(s) for s in seeds]
+
+
+def _reporter(callback: Optional[StepCallback], stage: str, steps: int,
+              first: int = 0) -> Optional[Callable[[StepInfo], None]]:
+    """run_sampler's per-step callback that hands the caller a StepEvent for the steps from `first` on."""
+    if callback is None:
+        return None
+
+    def report(info: StepInfo) -> None:
+        if info.i >= first:
+            callback(StepEvent(stage, info.i, steps, info.sigma, info.x, info.denoised))
+    return report
 
 
 class _Timer:

@@ -84,17 +84,67 @@ def _load_sam(path: str, model_type: Optional[str], registry: dict) -> Any:
         raise CheckpointError(f"{path}: not a segment-anything state dict (no key {key!r})")
     depth = len({k.split(".")[2] for k in sd if k.startswith("image_encoder.blocks.")})
     model_type = model_type or SAM_TYPES.get(depth)
-    if model_type not in registry or model_type == "default":
-        raise CheckpointError(f"{path}: image encoder with {depth} blocks; expected a model_type in "
-                              f"{sorted(SAM_TYPES.values())} (vit_b 12 blocks, vit_l 24, vit_h 32), got {model_type!r}")
+    if model_type is not None and (model_type not in registry or model_type == "default"):
+        raise CheckpointError(f"{path}: unknown SAM model_type {model_type!r}; expected one of "
+                              f"{sorted(SAM_TYPES.values())} (vit_b 12 blocks, vit_l 24, vit_h 32) or None")
     with torch.device("meta"):  # no random init of 0.6B parameters only to overwrite them
-        sam = registry[model_type]()
+        sam = registry[model_type]() if model_type is not None else _sam_from_shapes(path, sd)
+        model_type = model_type or f"of {depth} blocks"
     try:
         sam.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit SAM {model_type}: {str(e)[:500]}") from e
     assert not any(t.is_meta for t in itertools.chain(sam.parameters(), sam.buffers())), "SAM tensor left on meta"
     return sam
+
+
+def _sam_from_shapes(path: str, sd: dict) -> Any:
+    """A segment-anything Sam of another size than vit_b/l/h (a small test model), its config read from the
+    tensor shapes. Not in the shapes: the mask decoder's attention heads (SAM's 8, or 1 when the width is
+    not divisible) and the image encoder's when it has no relative positions (SAM's 12)."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise CheckpointError(f"{path}: not a segment-anything state dict (no key {key!r})")
+        return tuple(sd[key].shape)
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    dim, _, patch, _ = shape("image_encoder.patch_embed.proj.weight")
+    grid = shape("image_encoder.pos_embed")[1]
+    depth = count("image_encoder.blocks.")
+    rel = [shape(f"image_encoder.blocks.{i}.attn.rel_pos_h") if f"image_encoder.blocks.{i}.attn.rel_pos_h" in sd
+           else None for i in range(depth)]
+    use_rel = rel[0] is not None
+    heads = dim // rel[0][1] if use_rel else 12
+    global_blocks = tuple(i for i, r in enumerate(rel) if r is not None and r[0] == 2 * grid - 1)
+    windows = [(r[0] + 1) // 2 for i, r in enumerate(rel) if r is not None and i not in global_blocks]
+    mlp = shape("image_encoder.blocks.0.mlp.lin1.weight")[0]
+    out_chans = shape("image_encoder.neck.0.weight")[0]
+    width = shape("mask_decoder.iou_token.weight")[1]
+    cross = shape("mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0]
+    decoder_heads = 8 if cross % 8 == 0 else 1
+    img_size = grid * patch
+    return Sam(
+        image_encoder=ImageEncoderViT(img_size=img_size, patch_size=patch, embed_dim=dim, depth=depth,
+                                      num_heads=heads, mlp_ratio=mlp / dim, out_chans=out_chans, qkv_bias=True,
+                                      use_rel_pos=use_rel, window_size=windows[0] if windows else 0,
+                                      global_attn_indexes=global_blocks,
+                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
+        prompt_encoder=PromptEncoder(embed_dim=width, image_embedding_size=(grid, grid),
+                                     input_image_size=(img_size, img_size),
+                                     mask_in_chans=shape("prompt_encoder.mask_downscaling.3.weight")[0]),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1, transformer_dim=width,
+            iou_head_depth=count("mask_decoder.iou_prediction_head.layers."),
+            iou_head_hidden_dim=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
+            transformer=TwoWayTransformer(depth=count("mask_decoder.transformer.layers."), embedding_dim=width,
+                                          mlp_dim=shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
+                                          num_heads=decoder_heads, attention_downsample_rate=width // cross)))
 
 
 def image_array(image: Any) -> np.ndarray:

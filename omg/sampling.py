@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
 from .errors import SamplingError
 
@@ -312,16 +312,20 @@ def get_sampler(sampler: Union[str, Sampler]) -> Sampler:
 
 def randn_cpu(shape: Sequence[int], generator: Generators = None, device: Union[str, torch.device] = "cpu",
               dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise drawn in fp32 on the CPU, then moved, so a seed gives the same noise on any device.
+    """Standard normal noise drawn in fp32 on the generator's device, then moved to `device`.
 
-    A list of generators draws item b of the batch from generator b (an image keeps its noise in any batch).
+    With CPU generators (the default, and the global CPU RNG for None) a seed gives the same noise on any device;
+    CUDA generators draw as diffusers with a CUDA generator does. A list of generators draws item b of the batch
+    from generator b (an image keeps its noise in any batch).
     """
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise SamplingError(f"{len(generator)} generators for a batch of {shape[0]}")
-        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32, device=g.device)
+                             for g in generator])
     else:
-        noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+        noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else "cpu")
     return noise.to(device=device, dtype=dtype)
 
 
@@ -356,7 +360,8 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
                 schedule: Optional[NoiseSchedule] = None, start: int = 0, stop: Optional[int] = None,
                 extra_args: Optional[dict] = None, callback: Optional[Callable[[StepInfo], None]] = None,
                 disable: Optional[bool] = None, generator: Generators = None,
-                landing_sigmas: Optional[Tensor] = None, **opts: Any) -> Tensor:
+                landing_sigmas: Optional[Tensor] = None, label: Optional[str] = None, count_from: int = 0,
+                **opts: Any) -> Tensor:
     """Run steps [start, stop) of `sampler` over sigmas with eps_fn; x and the result are VP latents.
 
     x is the latent entering step `start` (pure noise N(0, I) for start 0); returns the latent at sigmas[stop]
@@ -365,7 +370,8 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
     callback(StepInfo) runs every step; a non-finite latent or prediction raises SamplingError naming the first
     such step, when the run ends (the checks stay on the device until then: no host-device sync per step).
     Stochastic samplers draw noise on the CPU from `generator` (one per batch item, or one for all) unless
-    opts has a noise_sampler. disable turns the progress bar off (None: off when not a terminal).
+    opts has a noise_sampler. The progress bar (titled `label`) counts the steps from max(start, count_from) on;
+    disable turns it off (None: off when not a terminal).
     Latents are carried in fp32 at least (fp64 stays fp64), whatever the UNet's dtype.
     landing_sigmas (len(sigmas) - 1,), "ddim" only: the sigma each step lands on when it is not the next
     one (diffusers' DDIM rule: NoiseSchedule.prev_sigmas, ddim_sample); sliced to [start, stop) here.
@@ -417,8 +423,13 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
                             f"{' and the '.join(bad)} hold NaN or inf. With fp16 weights try bf16 or fp32, "
                             f"or lower the guidance.")
 
+    counted_from = max(start, count_from)
+    bar = tqdm(total=max(stop - counted_from, 0), desc=label, disable=disable)
+
     def on_step(d: dict) -> None:
         i = start + int(d["i"])
+        if i >= counted_from:
+            bar.update(1)
         # no churn: the exact (fp64) host sigma, so integer t stay integers; our DDIM passes the same tensor
         # for both, which needs no device read
         no_churn = d["sigma_hat"] is d["sigma"] or float(d["sigma_hat"]) == float(d["sigma"])
@@ -429,8 +440,11 @@ def run_sampler(eps_fn: EpsFn, x: Tensor, sigmas: Tensor, sampler: Union[str, Sa
             callback(StepInfo(i=i, sigma=sigma, t=t, x_sampler=d["x"], denoised=d["denoised"]))
 
     x = x * math.sqrt(1 + float(sigmas[start]) ** 2)
-    x = sample_fn(EpsDenoiser(eps_fn, schedule), x, run_sigmas, extra_args=extra_args, callback=on_step,
-                  disable=disable, **opts)
+    try:  # the sampler's own bar is off: ours is labelled and counts only the steps that do work
+        x = sample_fn(EpsDenoiser(eps_fn, schedule), x, run_sigmas, extra_args=extra_args, callback=on_step,
+                      disable=True, **opts)
+    finally:
+        bar.close()
     x = x / math.sqrt(1 + float(sigmas[stop]) ** 2)
     if stop > start:
         check(x, None, stop - 1, float(sigmas[stop - 1]))

@@ -8,7 +8,7 @@ for store="recompute" the latent of each blending call (stage 2 carries it throu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -48,11 +48,12 @@ def run_stage1(unet: torch.nn.Module, noise: Tensor, sigmas: Tensor, sampler: st
                base_cond: tuple[Tensor, Tensor], control: AttentionControl, guidance: float,
                guidance_rescale: float = 0.0, schedule: Optional[NoiseSchedule] = None,
                generators: Optional[list[torch.Generator]] = None, sampler_options: Optional[dict] = None,
-               cuda_graphs: bool = False, progress: bool = True) -> Stage1Result:
+               cuda_graphs: bool = False, progress: bool = True,
+               callback: Optional[Callable[[StepInfo], None]] = None) -> Stage1Result:
     """Sample the global prompt for noise (B, C, h, w) with base_cond [uncond x B; cond x B].
 
     cuda_graphs: replay the UNet call as one CUDA graph (valid with store="recompute" and no self-attention
-    replay: then every stage-1 call runs the same processors; see omg.graphs).
+    replay: then every stage-1 call runs the same processors; see omg.graphs). callback(StepInfo) runs every step.
     """
     record = Stage1Record(calls, control, torch.as_tensor(sigmas, dtype=torch.float64).cpu(), noise)
     rows = RowLayout(images=noise.shape[0])
@@ -77,8 +78,10 @@ def run_stage1(unet: torch.nn.Module, noise: Tensor, sigmas: Tensor, sampler: st
     def on_step(info: StepInfo) -> None:
         if info.i == calls.blend_start:
             kept["x"] = info.x.clone()
+        if callback is not None:
+            callback(info)
 
     with control:
         final = run_sampler(eps_fn, noise, sigmas, sampler, schedule=schedule, callback=on_step, disable=not progress,
-                            generator=generators, **(sampler_options or {}))
+                            generator=generators, label="stage 1", **(sampler_options or {}))
     return Stage1Result(final, kept.get("x", final), record)

@@ -34,7 +34,7 @@ def sample_latents(model: Any, prompt: Prompts, negative_prompt: Optional[Prompt
                    seeds: Optional[Sequence[int]] = None, height: int = 1024, width: int = 1024,
                    sampler: str = "ddim", spacing: str = "leading", sampler_options: Optional[dict] = None,
                    schedule: Optional[NoiseSchedule] = None, callback: Optional[Callable[[StepInfo], None]] = None,
-                   progress: bool = True) -> Tensor:
+                   progress: bool = True, noise: Optional[Tensor] = None, noise_device: str = "cpu") -> Tensor:
     """Final VP latents (B, 4, H/8, W/8) in fp32 for a prompt or a batch of prompts; see `sample`."""
     check_model(model)
     prompts = prompt_list(prompt, "prompt")
@@ -49,8 +49,12 @@ def sample_latents(model: Any, prompt: Prompts, negative_prompt: Optional[Prompt
     sigmas = schedule.sampling_sigmas(steps, spacing, to_zero=sampler != "ddim")
     # one CPU generator per image, for its initial noise and then the sampler's: image i of a batch is the
     # single image of its seed
-    generators = [torch.Generator("cpu").manual_seed(s) for s in per_image]
-    noise = model.noise(generators, height, width)
+    generators = [torch.Generator(noise_device).manual_seed(s) for s in per_image]
+    shape = (len(per_image), model.unet.config.in_channels, height // 8, width // 8)
+    if noise is not None and tuple(noise.shape) != shape:
+        raise OptionError(f"noise must have shape {shape} (images, latent channels, height / 8, width / 8), "
+                          f"got {tuple(noise.shape)}")
+    noise = model.noise(generators, height, width) if noise is None else noise.to(model.device, torch.float32)
     options = diffusers_ddim_options(schedule, steps, spacing, sampler, sampler_options)
     return run_sampler(eps_fn, noise, sigmas, sampler, schedule=schedule, callback=callback,
                        disable=not progress, generator=generators, **(options or {}))
@@ -61,7 +65,7 @@ def sample(model: Any, prompt: Prompts, negative_prompt: Optional[Prompts] = Non
            seeds: Optional[Sequence[int]] = None, height: int = 1024, width: int = 1024, sampler: str = "ddim",
            spacing: str = "leading", sampler_options: Optional[dict] = None,
            schedule: Optional[NoiseSchedule] = None, callback: Optional[Callable[[StepInfo], None]] = None,
-           progress: bool = True) -> list[Image.Image]:
+           progress: bool = True, noise: Optional[Tensor] = None, noise_device: str = "cpu") -> list[Image.Image]:
     """Text to image: one PIL image per prompt or per seed, all rendered as one batch.
 
     model: an SDXL bundle (.unet, .vae, .text). Seeds: image i of a list of prompts gets seed + i; one prompt
@@ -71,11 +75,12 @@ def sample(model: Any, prompt: Prompts, negative_prompt: Optional[Prompts] = Non
     VAE's downscale (8 for SDXL). sampler: "ddim" (ours) or a k-diffusion name ("euler", "euler_ancestral",
     "heun", "dpmpp_2m", "dpmpp_2m_sde", ...); spacing: "leading" (diffusers' SDXL default), "trailing",
     "linspace" or "karras"; sampler_options go to the sampler (e.g. {"eta": 0.5}). callback(StepInfo) runs
-    every step.
+    every step. noise: the initial latents instead of the seeded ones; noise_device: where seeded noise is drawn
+    ("cuda": as diffusers with a CUDA generator).
     """
     latents = sample_latents(model, prompt, negative_prompt, steps=steps, guidance=guidance,
                              guidance_rescale=guidance_rescale, seed=seed, num_images=num_images, seeds=seeds,
                              height=height, width=width, sampler=sampler, spacing=spacing,
                              sampler_options=sampler_options, schedule=schedule, callback=callback,
-                             progress=progress)
+                             progress=progress, noise=noise, noise_device=noise_device)
     return model.decode(latents)

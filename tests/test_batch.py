@@ -104,4 +104,4 @@ def test_cli_seeds_write_one_file_set_per_image(tmp_path):
         assert cli.main(args + ["--seeds", "7", "8", "9"]) == 0
     for stem, seed in (("o", 7), ("o_1", 8), ("o_2", 9)):
         assert (tmp_path / f"{stem}.png").exists() and (tmp_path / f"{stem}_stage1.png").exists()
-        assert json.loads(Image.open(tmp_path / f"{stem}.png").text["parameters"])["seed"] == seed
+        assert json.loads(Image.open(tmp_path / f"{stem}.png").text["omg"])["seed"] == seed

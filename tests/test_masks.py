@@ -252,6 +252,25 @@ def test_sam_path_end_to_end_with_tiny_random_sam():
     assert res.scores.shape == (2, 16, 24) and ((res.scores >= 0) & (res.scores <= 1)).all()
 
 
+def test_a_sam_of_another_size_is_built_from_its_checkpoints_shapes(tmp_path):
+    """A small SAM (not vit_b/l/h) loads from its file, its config read from the shapes; the official layouts
+    read back as the registry builds them (vit_b on the meta device: no memory)."""
+    from segment_anything import sam_model_registry
+
+    from omg.sam import _sam_from_shapes
+    sam = tiny_sam()
+    torch.save(sam.state_dict(), tmp_path / "tiny.pth")
+    loaded = M.SamRefiner(tmp_path / "tiny.pth").model
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), sam.state_dict().values()))
+    assert loaded.image_encoder.img_size == 128 and loaded.image_encoder.blocks[0].window_size == 4
+    with torch.device("meta"):
+        vit_b = sam_model_registry["vit_b"]()
+        built = _sam_from_shapes("vit_b", vit_b.state_dict())
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in vit_b.state_dict().items()}
+    assert [(b.attn.num_heads, b.window_size) for b in built.image_encoder.blocks] == \
+        [(b.attn.num_heads, b.window_size) for b in vit_b.image_encoder.blocks]
+
+
 def test_sam_masks_come_from_predictor_output():
     sam = tiny_sam()
     refiner = M.SamRefiner(sam)
@@ -269,10 +288,10 @@ def test_sam_masks_come_from_predictor_output():
 def test_sam_checkpoint_errors(tmp_path):
     path = tmp_path / "tiny_sam.pth"
     torch.save(tiny_sam().state_dict(), path)
-    with pytest.raises(CheckpointError, match="2 blocks"):
-        M.SamRefiner(path)
     with pytest.raises(CheckpointError, match="does not fit SAM vit_b"):
         M.SamRefiner(path, "vit_b")
+    with pytest.raises(CheckpointError, match="unknown SAM model_type 'vit_s'"):
+        M.SamRefiner(path, "vit_s")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth"):
         M.SamRefiner(tmp_path / "junk.pth")
