@@ -118,15 +118,6 @@ class ControlNet(nn.Module):
         middle = self.middle_block_out(self.middle_block(h, emb, context))
         return ControlResiduals([s * scale for s in skips], middle * scale)
 
-    def check_fits(self, unet_config: UNetConfig, name: str = "the ControlNet") -> None:
-        """ModelError unless the residuals fit the UNet's skip connections and it reads the UNet's conditioning."""
-        mine, theirs = self.config.unet, unet_config
-        fields = ("in_channels", "model_channels", "channel_mult", "num_res_blocks", "context_dim", "adm_in_channels")
-        wrong = [f"{f} {getattr(mine, f)} (the UNet's: {getattr(theirs, f)})" for f in fields
-                 if getattr(mine, f) != getattr(theirs, f)]
-        if wrong:
-            raise ModelError(f"{name} does not fit the base UNet: " + "; ".join(wrong))
-
 
 # ---------------------------------------------------------------------------------------------- files
 
