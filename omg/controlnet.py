@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -155,38 +155,46 @@ def _reject_other_bases(path: str, source: TensorSource, keys: list[str], label:
         raise CheckpointError(f"{path}: not an SDXL ControlNet: found " + "; ".join(found))
 
 
+def controlnet_checkpoint(source: TensorSource, path: str, config: Optional[Mapping[str, Any]] = None
+                          ) -> checkpoint.Checkpoint:
+    """A ControlNet's tensors as a one-part Checkpoint ("controlnet"), its layout detected; config: the contents
+    of a diffusers config.json (only what shapes cannot tell is read from it: head width, group count)."""
+    layout, prefix = _layout(source)
+    keys = source.keys()
+    # what shapes cannot tell: a folder's config.json, else a file's metadata as omg writes it (omg.config)
+    hints = checkpoint._hints_from_metadata(path, source.metadata).get("controlnet", {})
+    if layout == "diffusers":
+        _reject_other_bases(path, source, keys, "add_embedding.linear_1.weight",
+                            [k for k in keys if k.endswith("attn2.to_k.weight")])
+        recipes, unmapped = keymap.controlnet_recipes_from_diffusers(keys)
+        hints = checkpoint._diffusers_unet_hints(path, dict(config)) if config else hints
+        naming = keymap.UNetNaming.from_diffusers_keys(keys)
+        back = {target: " + ".join(r.sources) for target, r in recipes.items()}
+
+        def file_name(k: str) -> str:
+            return back.get(k) or keymap.unet_sgm_name_to_diffusers(k, naming) or k
+    else:
+        own = [k for k in keys if k.startswith(prefix)]
+        _reject_other_bases(path, source, own, prefix + "label_emb.0.0.weight",
+                            [k for k in own if k.endswith("attn2.to_k.weight")])
+        recipes = {k[len(prefix):]: keymap.Recipe((k,)) for k in own}
+        unmapped = [k for k in keys if not k.startswith(prefix)]
+
+        def file_name(k: str) -> str:
+            return prefix + k
+    part = checkpoint.Part("controlnet", source, recipes, unmapped, file_name, hints)
+    return checkpoint.Checkpoint(path, f"controlnet-{layout}", {"controlnet": part}, [source])
+
+
 def open_controlnet(path: PathLike) -> checkpoint.Checkpoint:
-    """A ControlNet file or diffusers folder as a one-part Checkpoint ("controlnet"), its layout detected."""
+    """A ControlNet file (.safetensors, .bin) or diffusers folder (config.json + weights), its layout detected."""
     path = os.fspath(path)
     folder = os.path.isdir(path)
     source = checkpoint._component_source(path) if folder else open_source(path)
     try:
-        layout, prefix = _layout(source)
-        keys = source.keys()
-        hints = {}
-        if layout == "diffusers":
-            _reject_other_bases(path, source, keys, "add_embedding.linear_1.weight",
-                                [k for k in keys if k.endswith("attn2.to_k.weight")])
-            recipes, unmapped = keymap.controlnet_recipes_from_diffusers(keys)
-            config_path = os.path.join(path if folder else os.path.dirname(path), "config.json")
-            if folder and os.path.isfile(config_path):
-                hints = checkpoint._diffusers_unet_hints(path, checkpoint._read_json(config_path))
-            naming = keymap.UNetNaming.from_diffusers_keys(keys)
-            back = {target: " + ".join(r.sources) for target, r in recipes.items()}
-
-            def file_name(k: str) -> str:
-                return back.get(k) or keymap.unet_sgm_name_to_diffusers(k, naming) or k
-        else:
-            own = [k for k in keys if k.startswith(prefix)]
-            _reject_other_bases(path, source, own, prefix + "label_emb.0.0.weight",
-                                [k for k in own if k.endswith("attn2.to_k.weight")])
-            recipes = {k[len(prefix):]: keymap.Recipe((k,)) for k in own}
-            unmapped = [k for k in keys if not k.startswith(prefix)]
-
-            def file_name(k: str) -> str:
-                return prefix + k
-        part = checkpoint.Part("controlnet", source, recipes, unmapped, file_name, hints)
-        return checkpoint.Checkpoint(path, f"controlnet-{layout}", {"controlnet": part}, [source])
+        config_path = os.path.join(path, "config.json")
+        config = checkpoint._read_json(config_path) if folder and os.path.isfile(config_path) else None
+        return controlnet_checkpoint(source, path, config)
     except CheckpointError:
         source.close()
         raise
