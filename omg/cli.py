@@ -61,7 +61,26 @@ def load_spec(path: str) -> dict:
     for c in spec.get("concepts", []):  # LoRA paths are relative to the spec file
         if c.get("lora") and not os.path.isabs(c["lora"]):
             c["lora"] = os.path.join(base, c["lora"])
+    _spec_paths(spec, base)
     return spec
+
+
+def _spec_paths(spec: dict, base: str) -> None:
+    """Control images, ControlNets and style LoRAs named in a spec file are relative to it, as concept LoRAs are."""
+    from omg.control import Control
+    from omg.style import StyleLora
+
+    def rel(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(base, p)
+    for key, kind, fields in (("control", Control, ("image", "model")), ("style_lora", StyleLora, ("lora",))):
+        entries = spec.get(key)
+        if entries is None:
+            continue
+        resolved = []
+        for entry in entries if isinstance(entries, list) else [entries]:
+            d = kind.parse(entry).describe()
+            resolved.append({**d, **{f: rel(d[f]) for f in fields}})
+        spec[key] = resolved
 
 
 RUN_KEYS = ("prompt", "concepts", "checkpoint", "device", "dtype")  # spec keys that are not OMGOptions fields
@@ -98,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         if meta["parse"] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs.update(type=meta["parse"], choices=meta["choices"], nargs="+" if meta["many"] else None)
+            # a list option takes several values and may be repeated (--control a@x --control b@y)
+            kwargs.update(type=meta["parse"], choices=meta["choices"], nargs="+" if meta["many"] else None,
+                          action="extend" if meta["many"] else None)
         g.add_argument(_flag(f.name), **kwargs)
     return parser
 

@@ -214,3 +214,20 @@ def load_controlnet(path: PathLike, device: Union[str, torch.device] = "cpu",
     with open_controlnet(path) as ckpt:
         plans = checkpoint.plan_checkpoint(ckpt)
         return checkpoint.materialize(plans["controlnet"], torch.device(device), dtype)
+
+
+def save_controlnet(controlnet: ControlNet, path: PathLike) -> None:
+    """Write a ControlNet as one .safetensors in the original layout, with the head width and group count (which
+    the shapes leave out) in its metadata; atomic (temp file + rename)."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    from omg.atomic import atomic_path
+    tensors = {k: t.detach().contiguous().cpu() for k, t in controlnet.state_dict().items()}
+    cfg = controlnet.config.unet
+    metadata = {"omg.config": json.dumps({"controlnet": {"head_dim": cfg.head_dim, "norm_groups": cfg.norm_groups},
+                                          "controlnet_config": dataclasses.asdict(controlnet.config)})}
+    with atomic_path(os.fspath(path), ".safetensors.tmp") as tmp:
+        save_file(tensors, tmp, metadata=metadata)
