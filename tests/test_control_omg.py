@@ -190,3 +190,28 @@ def test_bad_controls_and_styles_are_rejected_before_sampling(model, controlnets
         run(model, control=[Control(pose_image(), str(tmp_path / "absent.safetensors"))])
     with pytest.raises(omg.errors.OptionError, match="expected 'FILE"):
         omg.OMGOptions(style_lora=[""])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("lora_mode", ["grouped", "merged"])
+def test_graphed_generation_with_controlnets_equals_eager(tmp_path, lora_mode):
+    """Two ControlNets with different step windows (so stage 1 and stage 2 switch between graphs of different acting
+    sets), the grouped one-call stage 2 or merged concepts: graphs vs eager, same bits."""
+    model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5, device="cuda")
+    cns = [random_controlnet(model, 11).cuda(), random_controlnet(model, 12).cuda()]
+    loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
+    concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 40, 64)),
+                omg.Concept("woman", "a photo of xyz woman", lora=loras[1], mask=(48, 0, 96, 64))]
+    control = [Control(pose_image(1), cns[0], scale=0.8), Control(pose_image(2), cns[1], 0.5, start=0.3, end=0.8)]
+    eager, graphed = (run(model, concepts, control=control, steps=6, blend_steps=4, cuda_graphs=g,
+                          lora_mode=lora_mode) for g in (False, True))
+    assert torch.equal(eager.stage1_latent, graphed.stage1_latent)
+    assert torch.equal(eager.latent, graphed.latent)
+
+
+def test_the_controlnet_bench_runs_at_a_tiny_size(tmp_path):
+    from bench import controlnet as bench_controlnet
+    out = bench_controlnet.main(["--tiny", "--out", str(tmp_path)])
+    assert [r["controlnets"] for r in out["rows"]] == [0, 1, 1] and out["rows"][2]["control_concepts"]
+    assert (tmp_path / "controlnet_tiny_cpu.json").exists() and "stage1_added_s" in out["summary"]
