@@ -5,10 +5,13 @@
                           [omg.Concept("man", "a photo of sks man", lora="sks.safetensors"), ...],
                           omg.OMGOptions.paper(seed=3))
 """
+from omg.control import Control
+from omg.controlnet import load_controlnet
 from omg.model import SDXL, load_sdxl
 from omg.options import OMGOptions
 
-__all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Result", "generate", "sample", "regional_sample"]
+__all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Control", "load_controlnet", "Result", "generate", "sample",
+           "regional_sample"]
 
 
 def __getattr__(name: str):
