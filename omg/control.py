@@ -176,6 +176,10 @@ class ControlStack:
             what = f"control {i}"
             if isinstance(c.model, ControlNet):
                 model = c.model
+                q = next(model.parameters())
+                if (q.device, q.dtype) != (p.device, p.dtype):
+                    raise OptionError(f"{what}: the ControlNet is {q.dtype} on {q.device}, the UNet {p.dtype} on "
+                                      f"{p.device}; load it with omg.load_controlnet(path, device, dtype)")
             else:
                 key = os.path.abspath(os.fspath(c.model))
                 if key not in loaded:

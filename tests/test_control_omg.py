@@ -184,6 +184,8 @@ def test_bad_controls_and_styles_are_rejected_before_sampling(model, controlnets
     other = ControlNet(ControlNetConfig.tiny(dataclasses.replace(model.unet.config, context_dim=16)))
     with pytest.raises(omg.errors.ModelError, match="does not fit the base UNet"):
         run(model, control=[Control(pose_image(), other)])
+    with pytest.raises(omg.errors.OptionError, match="torch.float64 on cpu, the UNet torch.float32"):
+        run(model, control=[Control(pose_image(), random_controlnet(model, 1).double())])
     with pytest.raises(omg.errors.OptionError, match="no condition image"):
         run(model, control=[Control(str(tmp_path / "absent.png"), controlnets[0])])
     with pytest.raises(omg.errors.CheckpointError, match="no such file"):
