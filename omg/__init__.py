@@ -5,13 +5,15 @@
                           [omg.Concept("man", "a photo of sks man", lora="sks.safetensors"), ...],
                           omg.OMGOptions.paper(seed=3))
 """
+from omg.control import Control
+from omg.controlnet import load_controlnet
 from omg.model import SDXL, load_sdxl
 from omg.options import OMGOptions
 
 __version__ = "0.1.0"  # setup.py reads it here
 
-__all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Result", "generate", "check_request", "StepEvent",
-           "latent_preview", "sample", "regional_sample"]
+__all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Control", "load_controlnet", "Result", "generate",
+           "check_request", "StepEvent", "latent_preview", "sample", "regional_sample"]
 
 
 def __getattr__(name: str):

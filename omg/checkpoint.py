@@ -58,6 +58,7 @@ class Checkpoint:
 
 _HINT_FIELDS = {  # per config: the fields shapes leave no trace of, and their checks
     "unet": {"head_dim": int, "norm_groups": int},
+    "controlnet": {"head_dim": int, "norm_groups": int},
     "vae": {"norm_groups": int, "scaling_factor": float},
     "clip_l": {"heads": int, "act": str},
     "clip_g": {"heads": int, "act": str},
@@ -379,14 +380,19 @@ class Plan:
 def _infer_config(part: Part, shapes: dict[str, Tensor]) -> Any:
     """The component's config from tensor shapes, plus the hints for what shapes cannot tell."""
     h = part.hints
-    if part.name == "unet":
+    if part.name in ("unet", "controlnet"):
+        from omg.controlnet import ControlNetConfig
         from omg.unet import UNetConfig
-        config = UNetConfig.from_state_dict(shapes, **h)
+        if part.name == "controlnet":
+            outer = ControlNetConfig.from_state_dict(shapes, **h)
+            config = outer.unet
+        else:
+            outer = config = UNetConfig.from_state_dict(shapes, **h)
         widths = [config.model_channels * m for m, d in zip(config.channel_mult, config.transformer_depth) if d]
         widths += [config.model_channels * config.channel_mult[-1]] if config.transformer_depth_middle else []
         if any(w % config.head_dim for w in widths):
             raise ValueError(f"head width {config.head_dim} does not divide the attention widths {widths}")
-        return config
+        return outer
     if part.name == "vae":
         from omg.vae import VAEConfig
         return VAEConfig.from_state_dict(shapes, **h)
@@ -402,11 +408,14 @@ def _infer_config(part: Part, shapes: dict[str, Tensor]) -> Any:
 
 
 def build_on_meta(name: str, config: Any) -> nn.Module:
-    """The module of a component ("unet", "vae", "text") on the meta device: no memory."""
+    """The module of a component ("unet", "vae", "text", "controlnet") on the meta device: no memory."""
     with torch.device("meta"):
         if name == "unet":
             from omg.unet import UNet
             return UNet(config)
+        if name == "controlnet":
+            from omg.controlnet import ControlNet
+            return ControlNet(config)
         if name == "vae":
             from omg.vae import AutoencoderKL
             return AutoencoderKL(config)

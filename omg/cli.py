@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         if meta["parse"] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
+            # a list option takes several values and may be repeated (--control a@x --control b@y)
             kwargs.update(type=meta["parse"], choices=meta["choices"], nargs="+" if meta["many"] else None,
+                          action="extend" if meta["many"] else None,
                           metavar=f.name.upper() if meta["choices"] else None)  # the help lists the choices
         g.add_argument(_flag(f.name), **kwargs)
     return parser

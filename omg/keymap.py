@@ -484,3 +484,61 @@ def sgm_recipes(keys: Iterable[str], component: str) -> dict[str, Recipe]:
         recipes["text_projection"] = Recipe((prefix + "text_projection.weight",), transpose)
         del recipes["text_projection.weight"]
     return recipes
+
+
+# ---------------------------------------------------------------------------------------------- ControlNet
+
+CONTROLNET_SGM_PREFIX = "control_model."  # ControlNet single files of the original code (cldm) may carry it
+
+
+def controlnet_diffusers_name_to_sgm(name: str, naming: UNetNaming, hint_blocks: int) -> Optional[str]:
+    """diffusers ControlNetModel key -> SGM (cldm) name: the conditioning embedding is input_hint_block (its convs
+    at even indices, SiLUs between), the zero convolutions zero_convs.N.0 and middle_block_out.0; the encoder
+    half and middle block are named as in the UNet. hint_blocks: how many convs the embedding has between its
+    first and last (6 for SDXL's 16, 32, 96, 256 channels). None for a name of no ControlNet."""
+    if m := re.fullmatch(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d{1,9}))\.(weight|bias)", name):
+        index = 0 if m.group(1) == "conv_in" else 2 * hint_blocks + 2 if m.group(1) == "conv_out" else (
+            2 * int(m.group(2)) + 2)
+        return f"input_hint_block.{index}.{m.group(3)}"
+    if m := re.fullmatch(r"controlnet_down_blocks\.(\d{1,9})\.(weight|bias)", name):
+        return f"zero_convs.{m.group(1)}.0.{m.group(2)}"
+    if m := re.fullmatch(r"controlnet_mid_block\.(weight|bias)", name):
+        return f"middle_block_out.0.{m.group(1)}"
+    if name.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")):  # no decoder in a ControlNet
+        return None
+    return unet_diffusers_name_to_sgm(name, naming)
+
+
+def controlnet_recipes_from_diffusers(keys: Iterable[str]) -> tuple[dict[str, Recipe], list[str]]:
+    """Recipes {SGM key: diffusers source} for a diffusers ControlNetModel state dict, and the keys that map nowhere."""
+    keys = list(keys)
+    naming = UNetNaming.from_diffusers_keys(keys)
+    block = r"controlnet_cond_embedding\.blocks\.(\d{1,9})\."
+    hint_blocks = len({m.group(1) for k in keys if (m := re.match(block, k))})
+    recipes, unmapped = {}, []
+    for key in keys:
+        sgm = controlnet_diffusers_name_to_sgm(key, naming, hint_blocks)
+        if sgm is None or sgm in recipes:
+            unmapped.append(key)
+        else:
+            recipes[sgm] = Recipe((key,))
+    return recipes, unmapped
+
+
+def controlnet_sgm_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """SGM ControlNet state dict -> diffusers ControlNetModel names (same tensors; for export and tests)."""
+    hint = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"input_hint_block\.(\d{1,9})\.weight", k)))
+    last = hint[-1] if hint else -1
+    unet_part = {k: t for k, t in sd.items() if not k.startswith(("input_hint_block.", "zero_convs.",
+                                                                      "middle_block_out."))}
+    out = unet_to_diffusers(unet_part)
+    for key, t in sd.items():
+        if m := re.fullmatch(r"input_hint_block\.(\d{1,9})\.(weight|bias)", key):
+            i = int(m.group(1))
+            head = "conv_in" if i == 0 else "conv_out" if i == last else f"blocks.{i // 2 - 1}"
+            out[f"controlnet_cond_embedding.{head}.{m.group(2)}"] = t
+        elif m := re.fullmatch(r"zero_convs\.(\d{1,9})\.0\.(weight|bias)", key):
+            out[f"controlnet_down_blocks.{m.group(1)}.{m.group(2)}"] = t
+        elif m := re.fullmatch(r"middle_block_out\.0\.(weight|bias)", key):
+            out[f"controlnet_mid_block.{m.group(1)}"] = t
+    return out

@@ -18,9 +18,11 @@ import torch
 
 from kernels import MAP_FORMATS
 from omg.attention import SELF_REPLAY_LAYERS, STORES
+from omg.control import Control
 from omg.errors import OptionError
 from omg.inputs import check_image_size, check_seeds, image_seeds
 from omg.sampling import SAMPLERS, SPACINGS
+from omg.style import StyleLora
 
 if TYPE_CHECKING:
     from omg.sam import SamRefiner
@@ -74,6 +76,14 @@ class OMGOptions:
     lora_mode: str = _option("grouped", "concept weights in stage 2: LoRA factors on the shared base weights, one "
                                         "UNet call a step (grouped), or merged tensors swapped in per concept",
                              choices=LORA_MODES)
+    # -- spatial conditions and style -------------------------------------------------------------------------
+    control: tuple[Control, ...] = _option((), "ControlNets 'IMAGE@CONTROLNET[:scale]' (IMAGE canny=PHOTO: its edges), "
+                                               "feeding stage 1 and stage 2's base pass (omg.Control)", many=True)
+    control_concepts: bool = _option(False, "also feed the ControlNets to the concept passes (the original: only "
+                                            "the base model)", parse=bool)
+    style_lora: tuple[StyleLora, ...] = _option((), "style LoRAs 'FILE[:scale]' (default scale 0.5) on the base and "
+                                                    "every concept model (the original then runs concepts at 0.7)",
+                                                many=True)
     # -- masks -----------------------------------------------------------------------------------------------
     sam: Union[str, "SamRefiner", None] = _option(None, "segment-anything checkpoint (vit_b/l/h, or any size: "
                                                         "its config is read from the shapes) to refine the masks")
@@ -96,6 +106,11 @@ class OMGOptions:
             object.__setattr__(self, "seeds", tuple(self.seeds))
         if self.sampler_options is not None:
             object.__setattr__(self, "sampler_options", dict(self.sampler_options))
+        for name, kind in (("control", Control), ("style_lora", StyleLora)):  # strings, dicts or objects
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                value = (value,)
+            object.__setattr__(self, name, tuple(kind.parse(v) for v in value))
         _validate(self)
 
     # -- presets ---------------------------------------------------------------------------------------------

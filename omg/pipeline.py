@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from omg.attention import AttentionControl, original_self_replay_queries
 from omg.callbacks import StepCallback, StepEvent
 from omg.concept_weights import GroupedWeights, MergedWeights, StageTwoWeights
+from omg.control import ControlStack, check_controls
 from omg.errors import LoraError, OptionError, SamplingError
 from omg.graphs import graphs_usable
 from omg.inputs import check_model
@@ -34,6 +35,7 @@ from omg.sampling import NoiseSchedule, StepInfo, diffusers_ddim_options, get_sa
 from omg.schedule import CallSchedule
 from omg.stage1 import run_stage1
 from omg.stage2 import BlendedEps, cfg_rows
+from omg.style import load_styles, style_merged
 
 
 @dataclass
@@ -94,17 +96,28 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
         raise OptionError("give noise or latents (the same thing, diffusers' name), not both")
     noise = noise if noise is not None else latents
     inputs = _Inputs.check(model, prompt, concepts, options, noise)  # all that can fail before any weights move
-    o, unet, n = options, model.unet, len(inputs.seeds)
     timer = _Timer(model.device)
-
-    # ---- setup: concept weights, conditioning, noise, the model-call schedule ----------------------------------
-    # every LoRA is loaded and matched before sampling: one for another base fails here, the model untouched
+    # every LoRA is loaded before sampling; the style LoRAs are in the base weights for the whole call (omg.style)
     loras = [None if c.lora is None else c.lora if isinstance(c.lora, LoraFile) else load_lora(c.lora)
              for c in concepts]
+    styles = load_styles(options.style_lora)
+    with style_merged(model.unet, styles):
+        return _generate(model, prompt, concepts, loras, styles, options, inputs, timer, noise, callback)
+
+
+def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Optional[LoraFile]],
+              styles: list[tuple[LoraFile, float]], o: OMGOptions, inputs: "_Inputs", timer: "_Timer",
+              noise: Optional[Tensor], callback: Optional[StepCallback]) -> Union[Result, list[Result]]:
+    unet, n = model.unet, len(inputs.seeds)
+
+    # ---- setup: concept weights, conditioning, ControlNets, noise, the model-call schedule ---------------------
+    # every LoRA is matched before sampling: one for another base fails here, the model untouched
     concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode)
     negatives = None if o.negative_prompt is None else [o.negative_prompt]
-    base_cond = model.conditioning([prompt], negatives, o.height, o.width)
-    concept_cond = [_concept_conditioning(model, c, lora, o) for c, lora in zip(concepts, loras)]
+    with text_encoder_lora(model.text, styles):
+        base_cond = model.conditioning([prompt], negatives, o.height, o.width)
+    concept_cond = [_concept_conditioning(model, c, lora, o, styles) for c, lora in zip(concepts, loras)]
+    controls = ControlStack.prepare(o.control, unet, o.height, o.width, o.steps)
     noise_schedule = NoiseSchedule.sdxl()
     # DDIM ends on alphas_cumprod[0] (diffusers' SDXL DDIM, set_alpha_to_one=False); the others on sigma 0
     sigmas = noise_schedule.sampling_sigmas(o.steps, o.spacing, to_zero=o.sampler != "ddim")
@@ -127,7 +140,8 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
     # ---- stage 1: the global prompt with the base model -----------------------------------------------------
     stage1 = run_stage1(unet, noise, sigmas, o.sampler, calls, cfg_rows(base_cond, n), control, o.guidance,
                         o.guidance_rescale, noise_schedule, _generators(inputs.seeds, o.noise_device),
-                        o.sampler_options, inputs.cuda_graphs, o.progress, _reporter(callback, "stage1", o.steps))
+                        o.sampler_options, inputs.cuda_graphs, o.progress, _reporter(callback, "stage1", o.steps),
+                        controls)
     timer.lap("stage1")
     stage1_images = model.decode(stage1.latent)
     timer.lap("decode_stage1")
@@ -146,7 +160,8 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
                             concept_models.for_stage2(active, n),
                             torch.stack([m.masks[active] for m in concept_masks]).to(model.device),
                             [[j for j, i in enumerate(active) if m.found[i]] for m in concept_masks],
-                            o.guidance, o.guidance_rescale, o.replay, inputs.cuda_graphs)
+                            o.guidance, o.guidance_rescale, o.replay, inputs.cuda_graphs, controls,
+                            o.control_concepts)
         with stage2:
             # steps before the blend start are answered from stage 1's record: the bar counts the blending ones
             final = run_sampler(stage2, noise, sigmas, o.sampler, schedule=noise_schedule, disable=not o.progress,
@@ -231,6 +246,7 @@ class _Inputs:
         names = [c.class_name for c in concepts]
         token_indices = concept_token_indices(prompt, names) if concepts else []
         user_masks = prepare_user_masks([c.mask for c in concepts], (o.height, o.width), names)
+        check_controls(o.control, model.unet.config)
         sam = SamRefiner(o.sam, device=model.device) if isinstance(o.sam, str) else o.sam
         return cls(seeds, names, token_indices, sorted({i for idx in token_indices for i in idx}),
                    user_masks, sam, graphable if o.cuda_graphs is None else o.cuda_graphs)
@@ -259,14 +275,15 @@ class _ConceptModels:
         return MergedWeights(self.unet, chosen)
 
 
-def _concept_conditioning(model: Any, concept: Concept, lora: Optional[LoraFile],
-                          o: OMGOptions) -> tuple[Tensor, Tensor]:
-    """[uncond; cond] context and y of a concept, encoded with its text-encoder LoRA (if it has one)."""
+def _concept_conditioning(model: Any, concept: Concept, lora: Optional[LoraFile], o: OMGOptions,
+                          styles: Sequence[tuple[LoraFile, float]] = ()) -> tuple[Tensor, Tensor]:
+    """[uncond; cond] context and y of a concept, encoded with its text-encoder LoRA (if it has one) and the styles'."""
     negative = concept.negative_prompt if concept.negative_prompt is not None else o.negative_prompt
     negatives = None if negative is None else [negative]
-    if lora is None:
+    loras = ([] if lora is None else [(lora, concept.lora_scale)]) + list(styles)
+    if not loras:
         return model.conditioning([concept.prompt], negatives, o.height, o.width)
-    with text_encoder_lora(model.text, (lora, concept.lora_scale)):
+    with text_encoder_lora(model.text, loras):
         return model.conditioning([concept.prompt], negatives, o.height, o.width)
 
 

@@ -69,9 +69,12 @@ def option_checks() -> dict[str, tuple[Check, str, bool]]:
     for f in cli_options():
         parse, choices, many = f.metadata["parse"], f.metadata["choices"], f.metadata["many"]
         nullable = "Optional" in str(f.type) or "None" in str(f.type)
-        if many:
+        if many and parse is int:
             check, what = (lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool)
                                                                  for x in v)), "a list of integers"
+        elif many:  # control, style_lora: one entry or a list, each a string or a mapping of its fields
+            check, what = (lambda v: all(isinstance(x, (str, dict)) for x in (v if isinstance(v, list) else [v]))
+                           ), "a string or mapping, or a list of them"
         elif choices is not None:
             check, what = (lambda v, c=tuple(choices): v in c), "one of " + ", ".join(choices)
         elif parse is bool:
@@ -161,7 +164,38 @@ def check_spec(spec: Any, path: str) -> dict:
         if spec.get(key) is not None:
             spec[key] = resolve_path(spec[key], base)
     spec["concepts"] = [_check_concept(path, i, c, base) for i, c in enumerate(spec.get("concepts") or [])]
+    _resolve_entry_paths(path, spec, base)
     return spec
+
+
+# list options whose entries hold paths: (option, its parser, the path fields)
+ENTRY_PATH_KEYS = (("control", "omg.control.Control", ("image", "model")),
+                   ("style_lora", "omg.style.StyleLora", ("lora",)))
+
+
+def _entry_kind(dotted: str) -> Any:
+    import importlib
+
+    module, name = dotted.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def _resolve_entry_paths(path: str, spec: dict, base: str) -> None:
+    """Control images, ControlNets and style LoRAs named in a spec are relative to it, as concept LoRAs are."""
+    from omg.errors import OptionError
+
+    for key, dotted, fields in ENTRY_PATH_KEYS:
+        entries = spec.get(key)
+        if entries is None:
+            continue
+        resolved = []
+        for i, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+            try:
+                described = _entry_kind(dotted).parse(entry).describe()
+            except OptionError as e:
+                raise SpecError(f"{path}: {key}[{i}]: {e}") from None
+            resolved.append({**described, **{f: resolve_path(described[f], base) for f in fields}})
+        spec[key] = resolved
 
 
 def _check_concept(path: str, index: int, concept: Any, base: str) -> dict:
@@ -229,6 +263,9 @@ def run_record(prompt: str, concepts: list[dict], checkpoint: Optional[str], dev
         value = getattr(options, f.name)
         record[f.name] = list(value) if isinstance(value, tuple) else value
     record["sam"] = portable_path(record["sam"], folder) if isinstance(record["sam"], str) else None
+    for key, _, fields in ENTRY_PATH_KEYS:  # Control / StyleLora objects as their fields, paths made portable
+        record[key] = [{**d, **{f: portable_path(d[f], folder) for f in fields}}
+                       for d in (entry.describe() for entry in getattr(options, key))]
     record.update(num_images=1, seeds=None)  # each image records its own seed
     if info:
         record[INFO_KEY] = info

@@ -8,7 +8,7 @@ for store="recompute" the latent of each blending call (stage 2 carries it throu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -17,6 +17,9 @@ from omg.attention import AttentionControl, RowLayout
 from omg.graphs import GraphedCall
 from omg.sampling import NoiseSchedule, StepInfo, guided_eps, run_sampler, unet_eps_fn
 from omg.schedule import CallSchedule
+
+if TYPE_CHECKING:
+    from omg.control import ControlStack
 
 
 @dataclass
@@ -49,18 +52,29 @@ def run_stage1(unet: torch.nn.Module, noise: Tensor, sigmas: Tensor, sampler: st
                guidance_rescale: float = 0.0, schedule: Optional[NoiseSchedule] = None,
                generators: Optional[list[torch.Generator]] = None, sampler_options: Optional[dict] = None,
                cuda_graphs: bool = False, progress: bool = True,
-               callback: Optional[Callable[[StepInfo], None]] = None) -> Stage1Result:
+               callback: Optional[Callable[[StepInfo], None]] = None,
+               controls: Optional["ControlStack"] = None) -> Stage1Result:
     """Sample the global prompt for noise (B, C, h, w) with base_cond [uncond x B; cond x B].
 
     cuda_graphs: replay the UNet call as one CUDA graph (valid with store="recompute" and no self-attention
     replay: then every stage-1 call runs the same processors; see omg.graphs). callback(StepInfo) runs every step.
+    controls: ControlNets whose residuals feed every call of the steps where they act (omg.control).
     """
     record = Stage1Record(calls, control, torch.as_tensor(sigmas, dtype=torch.float64).cpu(), noise)
     rows = RowLayout(images=noise.shape[0])
-    unet_call = unet_eps_fn(unet, *base_cond)
-    if cuda_graphs:
-        unet_call = GraphedCall(unet_call, heat=control.heatmaps)
-    guided = guided_eps(unet_call, guidance, guidance_rescale)  # what omg.sample runs
+    guided_by_active: dict[tuple[int, ...], Callable[[Tensor, Tensor], Tensor]] = {}
+    # one graph per set of acting ControlNets (their windows may differ); the graphs run one after another
+    pool = torch.cuda.graph_pool_handle() if cuda_graphs and controls is not None else None
+
+    def guided_for(step: int) -> Callable[[Tensor, Tensor], Tensor]:
+        active = controls.active(step) if controls is not None else ()
+        if active not in guided_by_active:
+            unet_call = controls.eps_fn(unet, active, *base_cond) if active else unet_eps_fn(unet, *base_cond)
+            if cuda_graphs:
+                unet_call = GraphedCall(unet_call, heat=control.heatmaps, pool=pool)
+            guided_by_active[active] = guided_eps(unet_call, guidance, guidance_rescale)  # what omg.sample runs
+        return guided_by_active[active]
+
     kept: dict[str, Tensor] = {}
     next_call = iter(calls.calls)
 
@@ -70,7 +84,7 @@ def run_stage1(unet: torch.nn.Module, noise: Tensor, sigmas: Tensor, sampler: st
         if call.blending:
             record.latents[call.index] = x
         record.evaluations += rows.rows
-        eps = guided(x, t)
+        eps = guided_for(call.step)(x, t)
         if not call.blending:
             record.eps[call.index] = eps
         return eps

@@ -13,7 +13,7 @@ record's CallSchedule (omg.schedule), planned once before stage 1.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from omg.graphs import GraphedCall
 from omg.sampling import EpsDenoiser, NoiseSchedule, apply_guidance
 from omg.schedule import CallSchedule
 from omg.stage1 import Stage1Record
+
+if TYPE_CHECKING:
+    from omg.control import ControlStack
 
 Conditioning = tuple[Tensor, Tensor]  # (context, y) of a UNet call's rows
 
@@ -59,13 +62,19 @@ class BlendedEps:
 
     masks: (B, k, h, w) for the k active concepts (those found in some image); present[b]: the active concepts
     found in image b (the others are left out of its blend: their masks are zero there).
+
+    controls: ControlNets (omg.control) whose residuals feed the base pass, as in stage 1: they run once per
+    blending call over the base rows only, also in a grouped call (its concept rows get none), unless
+    control_concepts, when every concept pass gets them too (computed with the concept's prompt).
     """
 
     def __init__(self, unet: torch.nn.Module, record: Stage1Record, base_cond: Conditioning,
                  concept_cond: Sequence[Conditioning], weights: StageTwoWeights, masks: Tensor,
                  present: Sequence[Sequence[int]], guidance: float, guidance_rescale: float = 0.0,
-                 replay: bool = True, cuda_graphs: bool = False):
+                 replay: bool = True, cuda_graphs: bool = False, controls: Optional["ControlStack"] = None,
+                 control_concepts: bool = False):
         self.unet, self.record, self.weights = unet, record, weights
+        self.controls, self.control_concepts = controls, control_concepts
         self.images = masks.shape[0]
         self.replay = replay  # False: the base pass runs plain attention (ablation: no layout preservation)
         self.rows = RowLayout(self.images, with_source=replay and record.control.store == "recompute")
@@ -175,9 +184,13 @@ class BlendedEps:
         base_x = [x, self.record.latents[index], x] if rows.with_source else [x, x]
         base: tuple[Tensor, ...] = ()
         concept_eps: dict[int, tuple[Tensor, ...]] = {}
+        acting = self.controls.active(self.schedule.calls[index].step) if self.controls is not None else ()
         for p, cond in zip(self.passes, self.conds):
             control.set_call("replay" if p.base and self.replay else "plain", index, rows)
-            out = self._unet(torch.cat((base_x if p.base else []) + [x, x] * len(p.concepts)), t, cond, p.role)
+            batch = torch.cat((base_x if p.base else []) + [x, x] * len(p.concepts))
+            # the rows the ControlNets feed: the base rows first in the call, or all of them
+            control_rows = batch.shape[0] if self.control_concepts else rows.rows if p.base else 0
+            out = self._unet(batch, t, cond, p.role, acting if control_rows else (), control_rows)
             if p.base:
                 base, out = out[:rows.rows], out[rows.rows:]
             for j, concept in enumerate(p.concepts):
@@ -196,20 +209,28 @@ class BlendedEps:
                 eps.append(kernels.blend_guided(base_u, base_c, pairs, masks, self.guidance))
         return torch.cat(eps)
 
-    def _forward(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role) -> Tensor:
+    def _forward(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role, acting: tuple[int, ...] = (),
+                 control_rows: int = 0) -> Tensor:
+        residuals = None
+        if acting:  # the ControlNets run outside the role's weights: concept LoRAs are the UNet's alone
+            r = control_rows
+            residuals = self.controls.residuals(acting, x[:r], t[:r], cond[0][:r], cond[1][:r])
         with self.weights.applied(role):
-            return self.unet(x, t, *cond)
+            return self.unet(x, t, *cond, control=residuals)
 
-    def _unet(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role) -> tuple[Tensor, ...]:
-        """One UNet call under the role's weights, as its rows (1, C, h, w) in fp32."""
+    def _unet(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role, acting: tuple[int, ...] = (),
+              control_rows: int = 0) -> tuple[Tensor, ...]:
+        """One UNet call under the role's weights (and the acting ControlNets' residuals on its first control_rows
+        rows), as its rows (1, C, h, w) in fp32."""
         self.evaluations += x.shape[0]
         x, t = x.to(self.dtype), t.expand(x.shape[0])
         if not self.cuda_graphs:
-            return self._forward(x, t, cond, role).float().chunk(x.shape[0])
-        call = self.graphs.get(role)
+            return self._forward(x, t, cond, role, acting, control_rows).float().chunk(x.shape[0])
+        key = (role, acting, control_rows)
+        call = self.graphs.get(key)
         if call is None:
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()  # the roles run one after another: one pool
-            call = self.graphs[role] = GraphedCall(lambda x_, t_: self._forward(x_, t_, cond, role),
-                                                   pool=self.graph_pool)
+            call = self.graphs[key] = GraphedCall(
+                lambda x_, t_: self._forward(x_, t_, cond, role, acting, control_rows), pool=self.graph_pool)
         return call(x, t.contiguous()).float().chunk(x.shape[0])

@@ -72,7 +72,9 @@ class UNetConfig:
             channel_mult.append(sd[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // model_channels)
             depth.append(_count_transformer_blocks(sd, f"input_blocks.{first}.1."))
         attn2 = next(k for k in sd if k.endswith("attn2.to_k.weight"))
-        return cls(in_channels=in_channels, out_channels=sd["out.2.weight"].shape[0],
+        # a ControlNet (the encoder half) has no output convolution
+        out_channels = sd["out.2.weight"].shape[0] if "out.2.weight" in sd else in_channels
+        return cls(in_channels=in_channels, out_channels=out_channels,
                    model_channels=model_channels, channel_mult=tuple(channel_mult),
                    num_res_blocks=num_res_blocks, transformer_depth=tuple(depth),
                    transformer_depth_middle=_count_transformer_blocks(sd, "middle_block.1."),
@@ -239,6 +241,73 @@ class Block(nn.ModuleList):
         return x
 
 
+@dataclass
+class ControlResiduals:
+    """What ControlNets add to a UNet call: one tensor per skip connection (SGM input block) and one to the middle
+    block's output, for the call's first ``rows`` rows (a grouped stage-2 call adds nothing to its concept rows)."""
+
+    skips: list[Tensor]
+    middle: Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.middle.shape[0]
+
+    def __add__(self, other: "ControlResiduals") -> "ControlResiduals":
+        """Several ControlNets: their residuals summed (diffusers' MultiControlNetModel)."""
+        return ControlResiduals([a + b for a, b in zip(self.skips, other.skips)], self.middle + other.middle)
+
+
+def time_embeddings(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    """SGM time_embed (sinusoidal timestep -> emb) and label_emb (the y vector -> emb)."""
+    mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
+    time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                            nn.Linear(emb_dim, emb_dim)))
+    return time_embed, label_emb
+
+
+def _transformer(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    return SpatialTransformer(ch, ch // cfg.head_dim, depth, cfg.context_dim, cfg.norm_groups)
+
+
+def encoder_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder half (SGM input_blocks: conv_in, then per level ResBlocks [+ transformer] and a downsampler)
+    and each block's output channels (the skip connections). The ControlNet has the same blocks."""
+    if len(cfg.transformer_depth) != len(cfg.channel_mult):
+        raise ModelError(f"transformer_depth {cfg.transformer_depth} needs one entry per level "
+                         f"of channel_mult {cfg.channel_mult}")
+    mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.time_embed_dim
+    blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+    skip_channels, ch = [mc], mc
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult, groups)]
+            ch = mc * mult
+            if cfg.transformer_depth[level]:
+                layers.append(_transformer(cfg, ch, cfg.transformer_depth[level]))
+            blocks.append(Block(layers))
+            skip_channels.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append(Block([Downsample(ch)]))
+            skip_channels.append(ch)
+    return blocks, skip_channels
+
+
+def middle_block(cfg: UNetConfig) -> Block:
+    """SGM middle_block at the lowest level: ResBlock, transformer, ResBlock."""
+    ch, emb_dim = cfg.model_channels * cfg.channel_mult[-1], cfg.time_embed_dim
+    return Block([ResBlock(ch, emb_dim, ch, cfg.norm_groups), _transformer(cfg, ch, cfg.transformer_depth_middle),
+                  ResBlock(ch, emb_dim, ch, cfg.norm_groups)])
+
+
+def embed(time_embed: nn.Sequential, label_emb: nn.Sequential, x: Tensor, timesteps: Tensor, y: Tensor) -> Tensor:
+    """The timestep and y embedding (B, time_embed_dim) of a UNet or a ControlNet, for latents x."""
+    timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
+    emb = time_embed(timestep_embedding(timesteps, time_embed[0].in_features).to(x.dtype))
+    return emb + label_emb(y.to(x.dtype))
+
+
 class UNet(nn.Module):
     """SDXL UNet: eps = unet(x, timesteps, context, y)."""
 
@@ -246,33 +315,10 @@ class UNet(nn.Module):
         super().__init__()
         self.config = cfg = config
         mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.time_embed_dim
-        if len(cfg.transformer_depth) != len(cfg.channel_mult):
-            raise ModelError(f"transformer_depth {cfg.transformer_depth} needs one entry per level "
-                             f"of channel_mult {cfg.channel_mult}")
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Sequential(nn.Sequential(
-            nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, ch // cfg.head_dim, depth, cfg.context_dim, groups)
-
-        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
-        skip_channels, ch = [mc], mc
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult, groups)]
-                ch = mc * mult
-                if cfg.transformer_depth[level]:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
-                self.input_blocks.append(Block(layers))
-                skip_channels.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(Block([Downsample(ch)]))
-                skip_channels.append(ch)
-
-        self.middle_block = Block([ResBlock(ch, emb_dim, ch, groups),
-                                   transformer(ch, cfg.transformer_depth_middle),
-                                   ResBlock(ch, emb_dim, ch, groups)])
+        self.time_embed, self.label_emb = time_embeddings(cfg)
+        self.input_blocks, skip_channels = encoder_blocks(cfg)
+        ch = skip_channels[-1]
+        self.middle_block = middle_block(cfg)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -280,7 +326,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if cfg.transformer_depth[level]:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                    layers.append(_transformer(cfg, ch, cfg.transformer_depth[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(layers))
@@ -315,18 +361,28 @@ class UNet(nn.Module):
             layer.processor = processor
 
     # --- forward --------------------------------------------------------------------------------
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor) -> Tensor:
-        """x (B, C, H, W) latent; timesteps (B,) or scalar; context (B, T, context_dim); y (B, adm_in)."""
-        timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
-        emb = emb + self.label_emb(y.to(x.dtype))
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor,
+                control: Optional[ControlResiduals] = None) -> Tensor:
+        """x (B, C, H, W) latent; timesteps (B,) or scalar; context (B, T, context_dim); y (B, adm_in).
+
+        control: ControlNet residuals added to the skip connections and the middle block's output (diffusers'
+        down_block_additional_residuals / mid_block_additional_residual) of the first control.rows rows.
+        """
+        emb = embed(self.time_embed, self.label_emb, x, timesteps, y)
         context = context.to(x.dtype)
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
-            skips.append(h)
+            skips.append(h)  # (B, C_l, H_l, W_l)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            # in place, after the middle block: every skip is a block's own fresh output that nothing reads again
+            # before the decoder, and the last one is the middle block's input
+            rows = control.rows
+            for skip, residual in zip(skips, control.skips, strict=True):
+                skip[:rows] += residual.to(skip.dtype)
+            h[:rows] += control.middle.to(h.dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)

@@ -239,3 +239,52 @@ def test_without_demo_weights_falls_back_to_a_random_model(tmp_path, monkeypatch
         rc = cli.main(["generate", "--prompt", "a dog", "--steps", "2", "--blend-steps", "1", "--height", "64",
                        "--width", "64", "--out", str(out), "--no-progress"])
     assert rc == 0 and json.loads(Image.open(out).text["omg"])["checkpoint"] is None
+
+
+def run_cli(argv):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cli.main(argv)
+
+
+def test_controlnet_and_style_lora_flags(tmp_path):
+    """--control IMAGE@MODEL[:scale] (repeatable, canny=PHOTO computes edges) and --style-lora FILE[:scale] reach
+    generate and the PNG's parameters; the same from a spec file, with paths relative to it."""
+    import torch
+
+    from omg.controlnet import ControlNet, ControlNetConfig, save_controlnet
+    from omg.model import SDXL, save_sgm
+    from omg.vae import VAEConfig
+    from test_pipeline import kohya_lora
+
+    model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+    save_sgm(model, tmp_path / "base.safetensors")
+    controlnet = ControlNet(ControlNetConfig.tiny(model.unet.config))
+    save_controlnet(controlnet, tmp_path / "pose_cn.safetensors")
+    Image.fromarray((torch.rand(64, 96, 3) * 255).byte().numpy()).save(tmp_path / "pose.png")
+    kohya_lora(model, tmp_path / "style.safetensors", seed=7)
+    common = ["--checkpoint", str(tmp_path / "base.safetensors"), "--steps", "3", "--blend-steps", "2", "--height",
+              "64", "--width", "96", "--no-progress", "--concept", "man: a photo of sks man"]
+    out = tmp_path / "c.png"
+    assert run_cli(["generate", "--prompt", "a man in a park", *common, "--out", str(out),
+                    "--control", f"{tmp_path / 'pose.png'}@{tmp_path / 'pose_cn.safetensors'}:0.8",
+                    "--control", f"canny={tmp_path / 'pose.png'}@{tmp_path / 'pose_cn.safetensors'}:0.3",
+                    "--style-lora", f"{tmp_path / 'style.safetensors'}:0.5"]) == 0
+    params = json.loads(Image.open(out).text["omg"])  # the machine-readable record: paths relative to the image
+    assert len(params["control"]) == 2 and params["control"][1]["canny"] and not params["control"][0]["canny"]
+    assert params["control"][0]["image"] == "pose.png" and params["control"][0]["model"] == "pose_cn.safetensors"
+    assert params["style_lora"] == [{"lora": "style.safetensors", "scale": 0.5}]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("prompt: a man in a park\ncontrol:\n  - pose.png@pose_cn.safetensors:0.8\n"
+                    "style_lora: [style.safetensors:0.5]\n")
+    out2 = tmp_path / "s.png"
+    assert run_cli(["generate", "--spec", str(spec), *common, "--out", str(out2)]) == 0
+    out3 = tmp_path / "f.png"  # the spec's settings as flags: the same image
+    assert run_cli(["generate", "--prompt", "a man in a park", *common, "--out", str(out3),
+                    "--control", f"{tmp_path / 'pose.png'}@{tmp_path / 'pose_cn.safetensors'}:0.8",
+                    "--style-lora", f"{tmp_path / 'style.safetensors'}:0.5"]) == 0
+    assert Image.open(out2).tobytes() == Image.open(out3).tobytes() != Image.open(out).tobytes()
+    params = json.loads(Image.open(out2).text["omg"])
+    assert params["control"][0]["image"] == "pose.png" and params["control"][0]["scale"] == 0.8
+    assert run_cli(["generate", "--prompt", "a man", *common, "--out", str(tmp_path / "bad.png"),
+                    "--control", "pose.png"]) == 2

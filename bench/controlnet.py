@@ -1,0 +1,152 @@
+"""The cost of a ControlNet in OMG: a k-concept image at 1024x1024 with full-size SDXL and a full-size SDXL
+ControlNet (random weights), 50 DDIM steps, blending over the last 35, rank-64 kohya LoRAs, the grouped stage 2 and
+CUDA graphs; without a ControlNet, with one (stage 1 and stage 2's base pass, as the original), and with it on the
+concept passes too (control_concepts), all in the same process. Seconds per stage, peak memory, and the added
+seconds per model call of each stage.
+
+Random weights make the attention masks meaningless, so each concept gets a user box (a strip of the image).
+Run on the GPU machine:  python -m bench.controlnet [--out DIR_OR_FILE.json]
+On a CPU, at a tiny size (checks that it runs):  python -m bench.controlnet --tiny
+Writes bench/results/controlnet_<gpu>.json (or into --out), and a copy under $OUT when that is set.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+from PIL import Image, ImageDraw
+
+from bench.common import DTYPES, write_json
+from omg.control import Control
+from omg.controlnet import ControlNet, ControlNetConfig
+from omg.lora import load_lora
+from omg.pipeline import Concept, generate
+
+CLASSES = ["man", "woman", "dog", "cat", "robot"]
+
+
+def random_controlnet(config: ControlNetConfig, device: str, dtype: torch.dtype, seed: int = 0) -> ControlNet:
+    """N(0, 0.02) matrices, zero biases, identity norms (as bench.lora.random_unet); zero convs random too, so
+    the residuals are not zero. Built directly on the device."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        controlnet = ControlNet(config)
+    controlnet.to_empty(device=device)
+    with torch.no_grad():
+        for m in controlnet.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                elif p.dim() >= 2:
+                    p.normal_(0, 0.02)
+                else:
+                    p.zero_()
+    return controlnet.to(dtype).eval().requires_grad_(False)
+
+
+def pose_image(height: int, width: int) -> Image.Image:
+    """A stick figure per concept on black: what an openpose annotator draws (only its size matters here)."""
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    for cx in (width // 4, 3 * width // 4):
+        top, s = height // 5, height // 10
+        draw.ellipse((cx - s // 2, top - s // 2, cx + s // 2, top + s // 2), outline=(255, 0, 0), width=4)
+        draw.line((cx, top + s // 2, cx, top + 4 * s), fill=(0, 255, 0), width=6)
+        draw.line((cx - 2 * s, top + 2 * s, cx + 2 * s, top + 2 * s), fill=(0, 0, 255), width=6)
+        draw.line((cx, top + 4 * s, cx - s, top + 7 * s), fill=(255, 255, 0), width=6)
+        draw.line((cx, top + 4 * s, cx + s, top + 7 * s), fill=(255, 0, 255), width=6)
+    return image
+
+
+def boxes(k: int, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    edges = [round(i * width / k) for i in range(k + 1)]
+    return [(edges[i], 0, edges[i + 1], height) for i in range(k)]
+
+
+def run(model, loras, args, control: list, control_concepts: bool, label: str) -> dict:
+    cuda = torch.cuda.is_available() and not args.tiny
+    concepts = [Concept(CLASSES[i], f"a photo of sks {CLASSES[i]}", lora=loras[i], mask=box)
+                for i, box in enumerate(boxes(args.k, args.width, args.height))]
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = generate(model, "a man, a woman, a dog, a cat and a robot in a park", concepts, steps=args.steps,
+                      blend_steps=args.blend_steps, height=args.height, width=args.width, progress=False,
+                      control=control, control_concepts=control_concepts, cuda_graphs=cuda)
+    wall = time.perf_counter() - start
+    t = result.timings
+    row = dict(label=label, k=args.k, controlnets=len(control), control_concepts=control_concepts, cuda_graphs=cuda,
+               seconds=round(t["total"], 3), wall_seconds=round(wall, 3),
+               timings={n: round(v, 3) for n, v in t.items()}, unet_evaluations=result.unet_evaluations,
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
+    print(f"{label:28s} k={args.k}: {t['total']:6.2f} s (setup {t['setup']:.2f}, stage1 {t['stage1']:.2f}, "
+          f"stage2 {t['stage2']:.2f}); peak {row['peak_gib']} GiB", flush=True)
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=2, help="concepts")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--blend-steps", type=int, default=35)
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--tiny", action="store_true", help="a tiny random SDXL on the CPU at 64x96, 4 steps")
+    parser.add_argument("--out", default=None, help="folder for the JSON (default bench/results; a copy goes to $OUT "
+                                                    "when set)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        from bench.lora import kohya_lora
+        from omg.model import SDXL
+        from omg.vae import VAEConfig
+        args.height, args.width, args.steps, args.blend_steps = 64, 96, 4, 2
+        model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+        controlnet = random_controlnet(ControlNetConfig.tiny(model.unet.config), "cpu", torch.float32)
+        loras = [load_lora(kohya_lora(model.unet, 4, locon=False, seed=i + 1)) for i in range(args.k)]
+    else:
+        from bench.generate import random_sdxl
+        from bench.lora import kohya_lora
+        args.height = args.width = 1024
+        dtype = DTYPES[args.dtype]
+        model = random_sdxl(dtype)
+        controlnet = random_controlnet(ControlNetConfig.sdxl(), "cuda", dtype)
+        loras = [load_lora(kohya_lora(model.unet, 64, locon=False, seed=i + 1), device="cuda") for i in range(args.k)]
+    control = [Control(pose_image(args.height, args.width), controlnet, scale=0.8)]
+    run(model, loras, args, control, False, "warm-up (ControlNet)")
+    rows = [run(model, loras, args, [], False, "no ControlNet"),
+            run(model, loras, args, control, False, "ControlNet (base passes)"),
+            run(model, loras, args, control, True, "ControlNet (+ concept passes)")]
+    none, base, concepts = rows
+    schedule_calls = args.steps  # one model call per DDIM step
+    blend_calls = args.blend_steps
+    summary = {
+        "stage1_added_s": round(base["timings"]["stage1"] - none["timings"]["stage1"], 3),
+        "stage2_added_s": round(base["timings"]["stage2"] - none["timings"]["stage2"], 3),
+        "total_added_s": round(base["seconds"] - none["seconds"], 3),
+        "total_ratio": round(base["seconds"] / none["seconds"], 3),
+        "stage1_added_ms_per_call": round(1e3 * (base["timings"]["stage1"] - none["timings"]["stage1"])
+                                          / schedule_calls, 2),
+        "stage2_added_ms_per_call": round(1e3 * (base["timings"]["stage2"] - none["timings"]["stage2"])
+                                          / blend_calls, 2),
+        "control_concepts_added_s": round(concepts["seconds"] - base["seconds"], 3),
+    }
+    if none["peak_gib"] is not None:
+        summary["peak_added_gib"] = round(base["peak_gib"] - none["peak_gib"], 2)
+    print("summary:", summary, flush=True)
+    out = {"steps": args.steps, "blend_steps": args.blend_steps, "k": args.k,
+           "dtype": "fp32" if args.tiny else args.dtype, "resolution": [args.height, args.width],
+           "controlnet": "random SDXL ControlNet (ControlNetConfig.sdxl(), 1.25 G parameters)" if not args.tiny
+           else "tiny", "rows": rows, "summary": summary,
+           "note": "random weights; each concept a user box; stage 2 grouped (one UNet call a step), CUDA graphs; "
+                   "the ControlNet runs once per model call over the base rows (stage 2: uncond, stage-1 source, "
+                   "cond), and over every row with control_concepts"}
+    path = write_json("controlnet_tiny" if args.tiny else "controlnet", out, args.out)
+    print("wrote", path)
+    return out
+
+
+if __name__ == "__main__":
+    main()
