@@ -26,6 +26,10 @@ class GraphedCall:
     omg.attention.TokenHeatmaps the call accumulates into) stays exact: recording runs no kernel, so only
     the Python-side layer counts moved, and they are set back and advanced by the same amount per replay.
     Shapes must not change between calls (a new shape is a new graph: build another GraphedCall).
+
+    A capture that fails (a host sync inside fn) makes this call eager for good. Measured on torch 2.11: after
+    such a failure CUDA's default generator can stay in capture mode, so later draws from it on the device
+    fail; omg draws its noise on explicit generators (CPU by default), which are not affected.
     """
 
     def __init__(self, fn: Callable[..., Tensor], heat: Any = None, pool: Optional[Any] = None):

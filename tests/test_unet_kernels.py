@@ -150,12 +150,15 @@ def test_fused_kernels_step_aside_under_autograd():
     through the UNet gets gradients (before, norm_act returned a tensor without grad_fn and the backward
     stopped there silently)."""
     norm = torch.nn.GroupNorm(4, 8).cuda()
-    x = torch.randn(2, 8, 16, 16, device="cuda", requires_grad=True)
+    # drawn on the CPU: after tests/test_graphs.py's deliberately failed capture, torch leaves CUDA's default
+    # generator in capture mode and device-side draws fail ("Offset increment outside graph capture"); omg
+    # itself draws its noise on CPU generators (OMGOptions.noise_device)
+    x = torch.randn(2, 8, 16, 16).cuda().requires_grad_(True)
     y = kernels.norm_act(norm, x)
     assert y.grad_fn is not None
     y.square().sum().backward()
     assert x.grad is not None and norm.weight.grad is not None
-    h = torch.randn(2, 16, 32, device="cuda", requires_grad=True)
+    h = torch.randn(2, 16, 32).cuda().requires_grad_(True)
     assert kernels.geglu(h).grad_fn is not None
     with torch.no_grad():  # inference keeps the fused kernels
         assert kernels.use_triton(x) == kernels.HAS_TRITON
