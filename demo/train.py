@@ -702,7 +702,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--text-lr", type=float, default=1e-3)
     p.add_argument("--grounding", type=float, default=0.3, help="weight of the grounding loss (0: off)")
-    p.add_argument("--concept-images", type=int, default=48, help="instance images per concept (as many class)")
+    p.add_argument("--concept-images", type=int, default=48, help="instance images per concept")
+    p.add_argument("--class-images", type=int, default=None,
+                   help="class (prior-preservation) images per concept (default: as many as instance images)")
+    p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--concepts", nargs="+", default=sorted(CONCEPTS), choices=sorted(CONCEPTS),
                    help="the concepts whose LoRAs are trained")
@@ -802,9 +805,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             share = (deadline - time.monotonic()) / (len(args.concepts) - k)  # each LoRA its share of the time
             t_stage = time.monotonic()
             instance = concept_images(name, n_img, size, seed=args.seed)
-            prior = concept_images(name, n_img, size, seed=args.seed, plain=True)
+            n_class = n_img if tiny or args.class_images is None else args.class_images
+            prior = concept_images(name, n_class, size, seed=args.seed, plain=True)
             state, stats[f"lora:{name}"] = train_lora(model, name, instance, prior, trainer, lora_steps,
-                                                      4 if tiny else args.lora_batch, args.rank, 1e-3, size,
+                                                      4 if tiny else args.lora_batch, args.rank, args.lora_lr, size,
                                                       time.monotonic() + share)
             path = os.path.join(args.out, f"{name}.safetensors")
             # one metadata key: safetensors writes metadata in hash-map order, so several keys would make the
