@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 from typing import Optional
 
@@ -53,7 +54,7 @@ def boxes(k: int, size: int = 1024) -> list[tuple[int, int, int, int]]:
 
 
 def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0, graphs: bool = True,
-        lora_mode: str = "grouped", keep: Optional[dict] = None) -> dict:
+        lora_mode: str = "grouped", keep: Optional[dict] = None, crop: Optional[int] = None) -> dict:
     concepts = [Concept(CLASSES[i], f"a photo of sks {CLASSES[i]}", lora=loras[i], mask=box)
                 for i, box in enumerate(boxes(k))]
     gc.collect()
@@ -63,11 +64,12 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
     graphs = graphs and store == "recompute" and not self_replay  # where generate can run CUDA graphs
     result = generate(model, PROMPT, concepts, steps=args.steps, blend_steps=args.blend_steps, height=1024,
                       width=1024, store=store, self_replay_steps=self_replay, progress=False,
-                      cuda_graphs=graphs, lora_mode=lora_mode)
+                      cuda_graphs=graphs, lora_mode=lora_mode, concept_crop=crop is not None,
+                      crop_margin=8 if crop is None else crop)
     peak = torch.cuda.max_memory_allocated()
     t = result.timings
     seconds = t["total"]
-    row = dict(k=k, store=store, self_replay_steps=self_replay, lora_mode=lora_mode,
+    row = dict(k=k, store=store, self_replay_steps=self_replay, lora_mode=lora_mode, crop_margin=crop,
                triton=os.environ.get("OMG_DISABLE_TRITON") != "1",
                cuda_graphs=graphs, seconds=round(seconds, 3), timings={n: round(v, 3) for n, v in t.items()},
                unet_evaluations=result.unet_evaluations, peak_gib=round(peak / 2**30, 2),
@@ -75,7 +77,8 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
                store_gib=round(result.store_bytes / 2**30, 3),
                utilisation=round(result.unet_evaluations * TFLOP_PER_EVAL / seconds / H100_BF16_DENSE, 3))
     if keep is not None:
-        keep[(k, store, self_replay, graphs, lora_mode)] = result.latent
+        keep[(k, store, self_replay, graphs, lora_mode) + (() if crop is None else ("crop",))] = result.latent
+        keep[("masks", k)] = result.masks
     print(f"k={k} {lora_mode} store={store:9s} self-replay {self_replay} graphs {row['cuda_graphs']:d}: "
           f"{seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
           f"stage2 {t['stage2']:.2f}, decode {t['decode'] + t['decode_stage1']:.2f}, setup {t['setup']:.2f}); "
@@ -83,6 +86,13 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
           f"utilisation {row['utilisation']:.1%}", flush=True)
     del result
     return row
+
+
+def latent_psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of latents a against ref, peak = ref's largest magnitude (inf when equal)."""
+    mse = (a.float() - ref.float()).pow(2).mean().item()
+    peak = ref.float().abs().max().item()
+    return float("inf") if mse == 0 else round(10 * math.log10(peak * peak / mse), 2)
 
 
 def unet_speed(model: SDXL, rounds: int = 3) -> dict:
@@ -127,6 +137,9 @@ def main() -> None:
                              "with CUDA graphs, and as the unoptimised path (eager, OMG_DISABLE_TRITON=1)")
     parser.add_argument("--reference", action="store_true", help="time the original's schedule at k=2 too")
     parser.add_argument("--unet", action="store_true", help="time the UNet forward against diffusers' too")
+    parser.add_argument("--crop", type=int, nargs="*", default=[],
+                        help="also run k=store_k with concept_crop at these margins (latent pixels), against the exact "
+                             "path: time ratio and final-latent PSNR outside and inside the masks")
     parser.add_argument("--name", default="omg", help="JSON name: bench/results/<name>_<gpu>.json")
     args = parser.parse_args()
     model = random_sdxl(DTYPES[args.dtype])
@@ -159,6 +172,16 @@ def main() -> None:
         summary[f"k{k}_final_latent_vs_unoptimised_max_abs_diff"] = round(diff.abs().max().item(), 5)
         summary[f"k{k}_final_latent_vs_unoptimised_rms_diff"] = round(diff.pow(2).mean().sqrt().item(), 6)
         summary[f"k{k}_final_latent_max_abs"] = round(ref.abs().max().item(), 3)
+    for margin in args.crop:  # the fast mode against the exact path (the default row at the same k)
+        k = args.store_k
+        row = run(model, loras, k, "recompute", args, keep=latents, crop=margin)
+        rows.append(row)
+        cropped, exact = latents[(k, "recompute", 0, True, "grouped", "crop")], latents[(k, "recompute", 0, True,
+                                                                                           "grouped")]
+        inside = latents[("masks", k)].sum(0) > 0
+        summary[f"k{k}_crop{margin}_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
+        for where, sel in (("outside", ~inside), ("inside", inside)):
+            summary[f"k{k}_crop{margin}_latent_psnr_{where}_db"] = latent_psnr(cropped[..., sel], exact[..., sel])
     if 1 in by_k and 5 in by_k:
         summary["time_k5_over_k1"] = round(by_k[5]["seconds"] / by_k[1]["seconds"], 3)
     touched = sum(model.unet.get_parameter(name).numel() * model.unet.get_parameter(name).element_size()

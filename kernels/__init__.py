@@ -3,8 +3,10 @@
 Modules: kernels.cross_attention (fused short-key attention: plain, capture, replay), kernels.blend,
 kernels.norm and kernels.ffn (the UNet's GroupNorm(+SiLU) and GEGLU, fused).
 
-The functions here run the Triton kernel when every tensor is on CUDA, triton imports, the kernel supports the
-shapes/dtypes, and OMG_DISABLE_TRITON is not "1"; otherwise the reference (CPU fallback, test oracle).
+The functions here call the custom ops of kernels.ops (torch.ops.omg.*, which torch.compile traces as single
+nodes): each runs the Triton kernel when every tensor is on CUDA, triton imports, the kernel supports the
+shapes/dtypes, and OMG_DISABLE_TRITON is not "1", otherwise the reference (CPU fallback, test oracle). Under
+autograd (a tensor needs a gradient) the references run directly, as the kernels have no backward.
 
     attention(q, k, v)                                         softmax(q kᵀ/√d) v, T ≤ 256 keys in one tile
     capture(q, k, v, rows, map_format, tokens, heat)           -> Captured(out, maps, heat)
@@ -27,8 +29,7 @@ from torch import Tensor
 
 from kernels import blend as _blend
 from kernels import cross_attention as _ca
-from kernels import ffn as _ffn
-from kernels import norm as _norm
+from kernels import ops as _ops  # noqa: F401 (registers torch.ops.omg.*)
 from kernels._triton import HAS_TRITON
 from kernels.blend import ConceptEps, blend_eps_reference, blend_guided_reference, stack_concepts
 from kernels.cross_attention import (LOG8_STEP, MAP_FORMATS, Captured, capture_maps_reference, capture_reference,
@@ -55,11 +56,27 @@ def use_triton(*tensors: Optional[Tensor]) -> bool:
     return all(t.is_cuda for t in given)
 
 
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records this call: then the references run (the custom ops have no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ/√d) v: (B, h, N, d), (B, h, T, d) x2 -> (B, h, N, d)."""
-    if use_triton(q, k, v) and _ca.supports(q, k):
-        return _ca.cross_attention_triton(q, k, v)
-    return cross_attention_reference(q, k, v)
+    if _needs_grad(q, k, v):
+        return cross_attention_reference(q, k, v)
+    return torch.ops.omg.attention(q, k, v)
+
+
+def _heat_for(q: Tensor, rows: slice, tokens: Optional[Tensor], heat: Optional[Tensor]) -> Optional[Tensor]:
+    """The heat accumulator the op adds into: a new zero one when tokens come without it."""
+    if tokens is None or heat is not None:
+        return heat
+    return torch.zeros(rows.stop - rows.start, q.shape[2], tokens.numel(), device=q.device, dtype=torch.float32)
+
+
+def _maps_or_none(maps: Tensor, map_format: Optional[str]) -> Optional[Tensor]:
+    return None if map_format is None else maps
 
 
 def capture(q: Tensor, k: Tensor, v: Tensor, rows: slice, map_format: Optional[str] = None,
@@ -67,32 +84,39 @@ def capture(q: Tensor, k: Tensor, v: Tensor, rows: slice, map_format: Optional[s
     """Attention of every row and, for the batch rows `rows` (R of them): the map store (R, h, N, T) in
     `map_format` ("bf16", "log8" or None for none) and heat (R, N, n_tok) += head-mean probs[..., tokens]
     (heat: a float32 accumulator, created when None and tokens are given)."""
-    if use_triton(q, k, v, heat) and _ca.supports(q, k):
-        return _ca.capture_triton(q, k, v, rows, map_format, tokens, heat)
-    return capture_reference(q, k, v, rows, map_format, tokens, heat)
+    if _needs_grad(q, k, v):
+        return capture_reference(q, k, v, rows, map_format, tokens, heat)
+    rows = _ca._check_rows(rows, q.shape[0])
+    heat = _heat_for(q, rows, tokens, heat)
+    out, maps = torch.ops.omg.capture(q, k, v, rows.start, rows.stop, map_format, tokens, heat)
+    return Captured(out, _maps_or_none(maps, map_format), heat)
 
 
 def capture_maps(q: Tensor, k: Tensor, rows: slice, map_format: Optional[str] = None,
                  tokens: Optional[Tensor] = None, heat: Optional[Tensor] = None) -> Captured:
     """capture's map store and heat without the attention output (Captured.out is None): one pass over the
     rows' queries and keys only, for a caller that keeps torch SDPA's output bit for bit."""
-    if use_triton(q, k, heat) and _ca.supports(q, k):
-        return _ca.capture_maps_triton(q, k, rows, map_format, tokens, heat)
-    return capture_maps_reference(q, k, rows, map_format, tokens, heat)
+    if _needs_grad(q, k):
+        return capture_maps_reference(q, k, rows, map_format, tokens, heat)
+    rows = _ca._check_rows(rows, q.shape[0])
+    heat = _heat_for(q, rows, tokens, heat)
+    maps = torch.ops.omg.capture_maps(q, k, rows.start, rows.stop, map_format, tokens, heat)
+    return Captured(None, _maps_or_none(maps, map_format), heat)
 
 
 def replay(q: Tensor, k: Tensor, v: Tensor, maps: Tensor, rows: slice) -> Tensor:
     """Rows `rows` attend with the stored maps (out = decode(maps) · v), the other rows plainly."""
-    if use_triton(q, k, v, maps) and _ca.supports(q, k):
-        return _ca.replay_triton(q, k, v, maps, rows)
-    return replay_reference(q, k, v, maps, rows)
+    if _needs_grad(q, k, v, maps):
+        return replay_reference(q, k, v, maps, rows)
+    rows = _ca._check_rows(rows, q.shape[0])
+    return torch.ops.omg.replay(q, k, v, maps, rows.start, rows.stop)
 
 
 def replay_maps(maps: Tensor, v: Tensor) -> Tensor:
     """decode(maps) · v: (R, h, N, T), (R, h, T, d) -> (R, h, N, d)."""
-    if use_triton(maps, v) and _ca.supports(v, v):
-        return _ca.replay_maps_triton(maps, v)
-    return replay_maps_reference(maps, v)
+    if _needs_grad(maps, v):
+        return replay_maps_reference(maps, v)
+    return torch.ops.omg.replay_maps(maps, v)
 
 
 def _blend_on_gpu(base_u: Tensor, base_c: Tensor, concepts: Tensor, masks: Tensor) -> bool:
@@ -120,16 +144,16 @@ def blend_eps(base_u: Tensor, base_c: Tensor, concept_eps: ConceptEps, masks: Te
 def group_norm(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                shift: Optional[Tensor] = None, silu: bool = False) -> Tensor:
     """silu(GroupNorm(x + shift)) (shift (B, C) and silu optional) for x (B, C, *spatial)."""
-    if use_triton(x, weight, bias, shift) and x.dtype != torch.float64 and x.is_contiguous():  # NCHW only
-        return _norm.group_norm_triton(x, groups, weight, bias, eps, shift, silu)
-    return group_norm_reference(x, groups, weight, bias, eps, shift, silu)
+    if _needs_grad(x, weight, bias, shift):
+        return group_norm_reference(x, groups, weight, bias, eps, shift, silu)
+    return torch.ops.omg.group_norm(x, groups, weight, bias, eps, shift, silu)
 
 
 def geglu(h: Tensor) -> Tensor:
     """a · gelu(g) for h = [a, g] along the last axis."""
-    if use_triton(h) and h.dtype != torch.float64:
-        return _ffn.geglu_triton(h)
-    return geglu_reference(h)
+    if _needs_grad(h):
+        return geglu_reference(h)
+    return torch.ops.omg.geglu(h)
 
 
 def norm_act(norm: torch.nn.GroupNorm, x: Tensor, shift: Optional[Tensor] = None, silu: bool = True) -> Tensor:

@@ -64,7 +64,9 @@ def _apply_kernel(X, SHIFT, W, B, Y, PART_MEAN, PART_M2, group_size, hw, channel
     part_mean = tl.load(PART_MEAN + bg * n_chunks + i, mask=has, other=0.0)
     part_m2 = tl.load(PART_M2 + bg * n_chunks + i, mask=has, other=0.0)
     counts = tl.where(has, tl.minimum(group_size - i * CHUNK_SIZE, CHUNK_SIZE), 0).to(tl.float32)
-    total = group_size.to(tl.float32)
+    # tl.cast, not group_size.to: an integer argument may arrive as a Python int (triton specialises 1, and
+    # torch.compile's Triton wrapper passes constants), which has no .to
+    total = tl.cast(group_size, tl.float32)
     mean = tl.sum(counts * part_mean, axis=0) / total
     delta = tl.where(has, part_mean - mean, 0.0)
     var = (tl.sum(part_m2, axis=0) + tl.sum(counts * delta * delta, axis=0)) / total

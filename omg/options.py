@@ -76,6 +76,10 @@ class OMGOptions:
     lora_mode: str = _option("grouped", "concept weights in stage 2: LoRA factors on the shared base weights, one "
                                         "UNet call a step (grouped), or merged tensors swapped in per concept",
                              choices=LORA_MODES)
+    concept_crop: bool = _option(False, "fast mode: run each concept pass of stage 2 on its mask's bounding box plus "
+                                        "crop_margin (omg.crop), not on the whole latent", parse=bool)
+    crop_margin: int = _option(8, "concept_crop: latent pixels around each mask's box (widened to the UNet's "
+                                  "downsampling multiple)", parse=int)
     # -- spatial conditions and style -------------------------------------------------------------------------
     control: tuple[Control, ...] = _option((), "ControlNets 'IMAGE@CONTROLNET[:scale]' (IMAGE canny=PHOTO: its edges), "
                                                "feeding stage 1 and stage 2's base pass (omg.Control)", many=True)
@@ -183,7 +187,7 @@ def _validate(o: OMGOptions) -> None:
         fail("store_dtype", "None or a floating torch.dtype")
     if o.negative_prompt is not None and not isinstance(o.negative_prompt, str):
         fail("negative_prompt", "a string or None")
-    for name in ("self_replay_steps", "dilate"):
+    for name in ("self_replay_steps", "dilate", "crop_margin"):
         if not isinstance(getattr(o, name), int) or getattr(o, name) < 0:
             fail(name, "an integer >= 0")
     if o.feather < 0:

@@ -161,7 +161,7 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
                             torch.stack([m.masks[active] for m in concept_masks]).to(model.device),
                             [[j for j, i in enumerate(active) if m.found[i]] for m in concept_masks],
                             o.guidance, o.guidance_rescale, o.replay, inputs.cuda_graphs, controls,
-                            o.control_concepts)
+                            o.control_concepts, o.crop_margin if o.concept_crop else None)
         with stage2:
             # steps before the blend start are answered from stage 1's record: the bar counts the blending ones
             final = run_sampler(stage2, noise, sigmas, o.sampler, schedule=noise_schedule, disable=not o.progress,

@@ -21,7 +21,8 @@ from torch import Tensor
 import kernels
 from omg.attention import RowLayout
 from omg.concept_weights import Role, StageTwoWeights, UNetPass
-from omg.errors import ScheduleError
+from omg.crop import CropBox, concept_boxes, unet_multiple
+from omg.errors import OptionError, ScheduleError
 from omg.graphs import GraphedCall
 from omg.sampling import EpsDenoiser, NoiseSchedule, apply_guidance
 from omg.schedule import CallSchedule
@@ -66,13 +67,17 @@ class BlendedEps:
     controls: ControlNets (omg.control) whose residuals feed the base pass, as in stage 1: they run once per
     blending call over the base rows only, also in a grouped call (its concept rows get none), unless
     control_concepts, when every concept pass gets them too (computed with the concept's prompt).
+
+    crop_margin: None runs every concept pass on the whole latent (the exact path); a number of latent pixels runs
+    each concept's pass on its mask's bounding box (over the images) plus that margin (omg.crop), one pass per
+    concept (the crops differ in shape); the base pass, with its replay, stays on the whole latent.
     """
 
     def __init__(self, unet: torch.nn.Module, record: Stage1Record, base_cond: Conditioning,
                  concept_cond: Sequence[Conditioning], weights: StageTwoWeights, masks: Tensor,
                  present: Sequence[Sequence[int]], guidance: float, guidance_rescale: float = 0.0,
                  replay: bool = True, cuda_graphs: bool = False, controls: Optional["ControlStack"] = None,
-                 control_concepts: bool = False):
+                 control_concepts: bool = False, crop_margin: Optional[int] = None):
         self.unet, self.record, self.weights = unet, record, weights
         self.controls, self.control_concepts = controls, control_concepts
         self.images = masks.shape[0]
@@ -83,7 +88,8 @@ class BlendedEps:
         self.dtype = next(unet.parameters()).dtype
         count = masks.shape[1]
         shapes = {(c.shape[1:], y.shape[1:]) for c, y in [base_cond, *concept_cond]}
-        self.passes = weights.passes(count, self.rows.rows, one_call_possible=len(shapes) == 1)
+        self.crops = self._crop_boxes(unet, masks, crop_margin, control_concepts, self.present)
+        self.passes = weights.passes(count, self.rows.rows, one_call_possible=len(shapes) == 1 and not self.crops)
         # conditioning of each pass, made once: a captured graph keeps its inputs' pointers
         base_rows = cfg_rows(base_cond, self.images)
         if self.rows.with_source:  # the source rows run the global prompt's cond
@@ -96,6 +102,19 @@ class BlendedEps:
         self.next_call = 0
         self.pending_checks: list[Tensor] = []  # the blending calls' timestep checks, read at the run's end
         self.evaluations = 0
+
+    @staticmethod
+    def _crop_boxes(unet: torch.nn.Module, masks: Tensor, crop_margin: Optional[int], control_concepts: bool,
+                    present: Sequence[Sequence[int]]) -> dict[int, CropBox]:
+        """The crop of each active concept whose box is smaller than the latent (none: the exact path)."""
+        if crop_margin is None:
+            return {}
+        if control_concepts:
+            raise OptionError("concept_crop does not combine with control_concepts: the ControlNets' residuals are "
+                              "for the whole latent")
+        size = tuple(masks.shape[-2:])
+        boxes = concept_boxes(masks, present, crop_margin, unet_multiple(unet))
+        return {j: box for j, box in enumerate(boxes) if box is not None and not box.covers(size)}
 
     @property
     def one_call(self) -> bool:
@@ -187,10 +206,15 @@ class BlendedEps:
         acting = self.controls.active(self.schedule.calls[index].step) if self.controls is not None else ()
         for p, cond in zip(self.passes, self.conds):
             control.set_call("replay" if p.base and self.replay else "plain", index, rows)
-            batch = torch.cat((base_x if p.base else []) + [x, x] * len(p.concepts))
+            # a cropped concept runs alone (never with the base rows): its crop of x, its eps pasted back
+            crop = self.crops.get(p.concepts[0]) if not p.base and len(p.concepts) == 1 else None
+            concept_x = x if crop is None else crop.crop(x)
+            batch = torch.cat((base_x if p.base else []) + [concept_x, concept_x] * len(p.concepts))
             # the rows the ControlNets feed: the base rows first in the call, or all of them
             control_rows = batch.shape[0] if self.control_concepts else rows.rows if p.base else 0
             out = self._unet(batch, t, cond, p.role, acting if control_rows else (), control_rows)
+            if crop is not None:
+                out = tuple(crop.paste(o, tuple(x.shape[-2:])) for o in out)
             if p.base:
                 base, out = out[:rows.rows], out[rows.rows:]
             for j, concept in enumerate(p.concepts):

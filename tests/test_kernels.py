@@ -85,7 +85,7 @@ def test_interpreted_kernels():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("OMG_DISABLE_TRITON", None)
     here = os.path.dirname(os.path.abspath(__file__))
-    files = [os.path.abspath(__file__), os.path.join(here, "test_unet_kernels.py")]
+    files = [os.path.abspath(__file__)] + [os.path.join(here, f) for f in ("test_unet_kernels.py", "test_compile.py")]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
                              "-k", "interp_", "-m", "not gpu"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=900)
