@@ -13,6 +13,7 @@ record's CallSchedule (omg.schedule), planned once before stage 1.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 
 import kernels
 from omg.attention import RowLayout
-from omg.concept_weights import Role, StageTwoWeights, UNetPass
+from omg.concept_weights import FaceRows, Role, StageTwoWeights, UNetPass
 from omg.errors import ScheduleError
 from omg.graphs import GraphedCall
 from omg.sampling import EpsDenoiser, NoiseSchedule, apply_guidance
@@ -29,6 +30,7 @@ from omg.stage1 import Stage1Record
 
 if TYPE_CHECKING:
     from omg.control import ControlStack
+    from omg.instantid import FacePasses
 
 Conditioning = tuple[Tensor, Tensor]  # (context, y) of a UNet call's rows
 
@@ -66,13 +68,17 @@ class BlendedEps:
     controls: ControlNets (omg.control) whose residuals feed the base pass, as in stage 1: they run once per
     blending call over the base rows only, also in a grouped call (its concept rows get none), unless
     control_concepts, when every concept pass gets them too (computed with the concept's prompt).
+
+    faces: the InstantID concepts (omg.instantid.FacePasses, by active position): they run in passes of their own
+    (role FaceRows: the base weights, their face tokens, their IdentityNet), one per conditioning shape; `weights`
+    then holds the other active concepts only, in order.
     """
 
     def __init__(self, unet: torch.nn.Module, record: Stage1Record, base_cond: Conditioning,
                  concept_cond: Sequence[Conditioning], weights: StageTwoWeights, masks: Tensor,
                  present: Sequence[Sequence[int]], guidance: float, guidance_rescale: float = 0.0,
                  replay: bool = True, cuda_graphs: bool = False, controls: Optional["ControlStack"] = None,
-                 control_concepts: bool = False):
+                 control_concepts: bool = False, faces: Optional["FacePasses"] = None):
         self.unet, self.record, self.weights = unet, record, weights
         self.controls, self.control_concepts = controls, control_concepts
         self.images = masks.shape[0]
@@ -82,8 +88,17 @@ class BlendedEps:
         self.guidance, self.guidance_rescale = guidance, guidance_rescale
         self.dtype = next(unet.parameters()).dtype
         count = masks.shape[1]
-        shapes = {(c.shape[1:], y.shape[1:]) for c, y in [base_cond, *concept_cond]}
-        self.passes = weights.passes(count, self.rows.rows, one_call_possible=len(shapes) == 1)
+        self.faces = faces
+        face_js = faces.concepts if faces is not None else []
+        others = [j for j in range(count) if j not in face_js]
+        shape = lambda cond: (cond[0].shape[1:], cond[1].shape[1:])  # noqa: E731
+        shapes = {shape(c) for c in [base_cond, *(concept_cond[j] for j in others)]}
+        self.passes = [dataclasses.replace(p, concepts=tuple(others[j] for j in p.concepts))
+                       for p in weights.passes(len(others), self.rows.rows, one_call_possible=len(shapes) == 1)]
+        by_shape: dict = {}
+        for j in face_js:
+            by_shape.setdefault(shape(concept_cond[j]), []).append(j)
+        self.passes += [UNetPass(FaceRows(tuple(js)), False, tuple(js)) for js in by_shape.values()]
         # conditioning of each pass, made once: a captured graph keeps its inputs' pointers
         base_rows = cfg_rows(base_cond, self.images)
         if self.rows.with_source:  # the source rows run the global prompt's cond
@@ -215,6 +230,11 @@ class BlendedEps:
         if acting:  # the ControlNets run outside the role's weights: concept LoRAs are the UNet's alone
             r = control_rows
             residuals = self.controls.residuals(acting, x[:r], t[:r], cond[0][:r], cond[1][:r])
+        if isinstance(role, FaceRows):  # IdentityNet on every row, attending to the face tokens
+            face = self.faces.residuals(role.concepts, x, t, cond)
+            residuals = face if residuals is None else face + residuals
+            with self.faces.applied(role.concepts):
+                return self.unet(x, t, *cond, control=residuals)
         with self.weights.applied(role):
             return self.unet(x, t, *cond, control=residuals)
 
