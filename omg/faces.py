@@ -179,6 +179,23 @@ def _ellipse_polygon(center: tuple[int, int], axes: tuple[int, int], angle: int)
     return np.stack([np.round(x), np.round(y)], axis=1)
 
 
+def _convex_hull(points: np.ndarray) -> np.ndarray:
+    """Andrew's monotone chain: the hull's vertices, each turn to the left (cross > 0)."""
+    pts = sorted(set(map(tuple, np.asarray(points, np.float64))))
+    if len(pts) < 3:
+        return np.array(pts)
+
+    def half(seq):
+        out: list = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+    return np.array(half(pts) + half(pts[::-1]))
+
+
 def _fill_convex(canvas: np.ndarray, poly: np.ndarray, color: Sequence[float]) -> None:
     """Paint every pixel centre inside (or on) a convex polygon."""
     h, w = canvas.shape[:2]
@@ -188,12 +205,9 @@ def _fill_convex(canvas: np.ndarray, poly: np.ndarray, color: Sequence[float]) -
         return
     ys, xs = np.mgrid[y0:y1 + 1, x0:x1 + 1]
     inside = np.ones(xs.shape, bool)
-    pts = np.unique(poly, axis=0) if len(poly) > 2 else poly
-    # the hull's edges in order (the ellipse's vertices already are)
-    order = np.argsort(np.arctan2(pts[:, 1] - pts[:, 1].mean(), pts[:, 0] - pts[:, 0].mean()))
-    pts = pts[order]
-    for (ax, ay), (bx, by) in zip(pts, np.roll(pts, -1, axis=0)):
-        inside &= (bx - ax) * (ys - ay) - (by - ay) * (xs - ax) >= -1e-9
+    hull = _convex_hull(poly)  # counter-clockwise in x-right, y-down coordinates seen as a plane
+    for (ax, ay), (bx, by) in zip(hull, np.roll(hull, -1, axis=0)):
+        inside &= (bx - ax) * (ys - ay) - (by - ay) * (xs - ax) >= 0
     canvas[y0:y1 + 1, x0:x1 + 1][inside] = color
 
 
