@@ -219,3 +219,18 @@ def test_instantid_preset_has_the_originals_defaults():
     o = omg.OMGOptions.instantid()
     assert (o.guidance, o.identitynet_scale, o.ip_adapter_scale, o.sampler, o.blend_steps) == (3.0, 0.8, 0.8,
                                                                                                "euler", 34)
+
+
+def test_the_instantid_bench_runs_at_a_tiny_size(tmp_path):
+    from bench import instantid as bench_instantid
+    out = bench_instantid.main(["--tiny", "--out", str(tmp_path)])
+    assert [r["kinds"] for r in out["rows"]] == [["lora", "lora"], ["face", "face"], ["lora", "face"]]
+    assert (tmp_path / "instantid_tiny_cpu.json").exists() and "stage2_added_s" in out["summary"]
+
+
+def test_concept_flag_and_spec_take_a_face(tmp_path):
+    from omg.cli import parse_concept
+    assert parse_concept("woman: a photo of a woman @ face=w.safetensors") == {
+        "class_name": "woman", "face": "w.safetensors", "prompt": "a photo of a woman"}
+    from omg.spec import CONCEPT_KEYS, PATH_KEYS
+    assert "face" in CONCEPT_KEYS and {"face_adapter", "identitynet", "face_models"} <= set(PATH_KEYS)
