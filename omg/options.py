@@ -25,6 +25,8 @@ from omg.sampling import SAMPLERS, SPACINGS
 from omg.style import StyleLora
 
 if TYPE_CHECKING:
+    from omg.controlnet import ControlNet
+    from omg.ip_adapter import IPAdapter
     from omg.sam import SamRefiner
 
 DEFAULT_NEGATIVE = "noisy, blurry, soft, deformed, ugly"  # the original code's global negative prompt
@@ -85,9 +87,10 @@ class OMGOptions:
                                                     "every concept model (the original then runs concepts at 0.7)",
                                                 many=True)
     # -- InstantID concepts (a concept with face=...) ----------------------------------------------------------
-    face_adapter: Any = _option(None, "InstantID's face adapter ip-adapter.bin (or the same tensors as .safetensors), "
-                                      "for concepts with a face")
-    identitynet: Any = _option(None, "InstantID's IdentityNet: its ControlNetModel folder (diffusers layout) or file")
+    face_adapter: Union[str, "IPAdapter", None] = _option(
+        None, "InstantID's face adapter ip-adapter.bin (or the same tensors as .safetensors), for concepts with a face")
+    identitynet: Union[str, "ControlNet", None] = _option(
+        None, "InstantID's IdentityNet: its ControlNetModel folder (diffusers layout) or file")
     face_models: Optional[str] = _option(None, "folder of insightface's antelopev2 ONNX models "
                                                "(ROOT/models/antelopev2) to detect faces in photos; not needed "
                                                "for precomputed faces")
