@@ -30,7 +30,8 @@ log = logging.getLogger("omg")
 
 
 def parse_concept(text: str) -> dict:
-    """'CLASS: PROMPT [@ LORA[*SCALE]] [! NEGATIVE]' -> concept dict."""
+    """'CLASS: PROMPT [@ LORA[*SCALE] | @ face=FACE] [! NEGATIVE]' -> concept dict (FACE: an InstantID face photo or
+    precomputed .safetensors/.npy face)."""
     from omg.errors import OptionError
 
     if ":" not in text:
@@ -42,6 +43,9 @@ def parse_concept(text: str) -> dict:
         concept["negative_prompt"] = negative
     if "@" in rest:
         rest, lora = (s.strip() for s in rest.split("@", 1))
+        if lora.startswith("face="):
+            concept["face"], concept["prompt"] = lora[len("face="):].strip(), rest
+            return concept
         if "*" in lora:
             lora, scale = lora.rsplit("*", 1)
             try:

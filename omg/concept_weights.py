@@ -40,7 +40,14 @@ class GroupedRows:
     members: range
 
 
-Role = Union[BaseWeights, MergedConcept, GroupedRows]  # whose weights a UNet call runs (a CUDA graph per role)
+@dataclass(frozen=True)
+class FaceRows:
+    """InstantID concepts (positions in the active list): the base weights, their face tokens and IdentityNet."""
+    concepts: tuple[int, ...]
+
+
+# whose weights a UNet call runs (a CUDA graph per role)
+Role = Union[BaseWeights, MergedConcept, GroupedRows, FaceRows]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from omg.sampling import SAMPLERS, SPACINGS
 from omg.style import StyleLora
 
 if TYPE_CHECKING:
+    from omg.controlnet import ControlNet
+    from omg.ip_adapter import IPAdapter
     from omg.sam import SamRefiner
 
 DEFAULT_NEGATIVE = "noisy, blurry, soft, deformed, ugly"  # the original code's global negative prompt
@@ -88,6 +90,17 @@ class OMGOptions:
     style_lora: tuple[StyleLora, ...] = _option((), "style LoRAs 'FILE[:scale]' (default scale 0.5) on the base and "
                                                     "every concept model (the original then runs concepts at 0.7)",
                                                 many=True)
+    # -- InstantID concepts (a concept with face=...) ----------------------------------------------------------
+    face_adapter: Union[str, "IPAdapter", None] = _option(
+        None, "InstantID's face adapter ip-adapter.bin (or the same tensors as .safetensors), for concepts with a face")
+    identitynet: Union[str, "ControlNet", None] = _option(
+        None, "InstantID's IdentityNet: its ControlNetModel folder (diffusers layout) or file")
+    face_models: Optional[str] = _option(None, "folder of insightface's antelopev2 ONNX models "
+                                               "(ROOT/models/antelopev2) to detect faces in photos; not needed "
+                                               "for precomputed faces")
+    ip_adapter_scale: float = _option(0.8, "scale of the face tokens' decoupled cross-attention (InstantID's "
+                                           "ip_adapter_scale)", parse=float)
+    identitynet_scale: float = _option(0.8, "IdentityNet's conditioning scale", parse=float)
     # -- masks -----------------------------------------------------------------------------------------------
     sam: Union[str, "SamRefiner", None] = _option(None, "segment-anything checkpoint (vit_b/l/h, or any size: "
                                                         "its config is read from the shapes) to refine the masks")
@@ -133,6 +146,12 @@ class OMGOptions:
         return cls(**{"sampler": "euler", "spacing": "leading", "steps": 50, "guidance": 7.5, "blend_steps": 34,
                       "self_replay_steps": 4, "store": "recompute", "negative_prompt": DEFAULT_NEGATIVE,
                       "dilate": 0, "feather": 0.0, **changes})
+
+    @classmethod
+    def instantid(cls, **changes: Any) -> "OMGOptions":
+        """The original code's InstantID mode (kongzhecn/OMG inference_instantid.py): its LoRA-mode settings with
+        guidance 3.0, IdentityNet at 0.8 and the face adapter at 0.8."""
+        return cls.original(**{"guidance": 3.0, "identitynet_scale": 0.8, "ip_adapter_scale": 0.8, **changes})
 
     # -- changes ---------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> "OMGOptions":
@@ -190,6 +209,9 @@ def _validate(o: OMGOptions) -> None:
     for name in ("self_replay_steps", "dilate", "crop_margin"):
         if not isinstance(getattr(o, name), int) or getattr(o, name) < 0:
             fail(name, "an integer >= 0")
+    for name in ("ip_adapter_scale", "identitynet_scale"):
+        if isinstance(getattr(o, name), bool) or not isinstance(getattr(o, name), (int, float)):
+            fail(name, "a number")
     if o.feather < 0:
         fail("feather", ">= 0")
     if o.sampler_options is not None and not all(isinstance(k, str) for k in o.sampler_options):

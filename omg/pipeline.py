@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -26,6 +27,8 @@ from omg.callbacks import StepCallback, StepEvent
 from omg.concept_weights import GroupedWeights, MergedWeights, StageTwoWeights
 from omg.control import ControlStack, check_controls
 from omg.errors import LoraError, OptionError, SamplingError
+from omg.faces import FaceError, check_face_source, detect_faces
+from omg.instantid import FacePasses, check_instantid, load_faces, load_instantid
 from omg.graphs import graphs_usable
 from omg.inputs import check_model
 from omg.lora import ConceptWeights, LoraFile, bind, load_lora, text_encoder_lora
@@ -47,6 +50,7 @@ class Concept:
     negative_prompt: Optional[str] = None  # None: the global negative prompt
     lora_scale: float = 0.8
     mask: Any = None  # a user mask (image or latent size) or box (x0, y0, x1, y1): overrides attention/SAM
+    face: Any = None  # InstantID instead of a LoRA: a face photo, a precomputed face (.safetensors/.npy) or embedding
 
 
 @dataclass
@@ -101,14 +105,21 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
     loras = [None if c.lora is None else c.lora if isinstance(c.lora, LoraFile) else load_lora(c.lora)
              for c in concepts]
     styles = load_styles(options.style_lora)
-    with style_merged(model.unet, styles):
-        return _generate(model, prompt, concepts, loras, styles, options, inputs, timer, noise, callback)
+    # InstantID: every face (photos detected now) and both models before sampling
+    faces = {i: f for i, f in zip([i for i, c in enumerate(concepts) if c.face is not None],
+                                  load_faces([c.face for c in concepts if c.face is not None], options.face_models))}
+    instantid = load_instantid(options.face_adapter, options.identitynet, model.unet) if faces else None
+    with style_merged(model.unet, styles), (instantid.adapter.installed(model.unet) if instantid else nullcontext()):
+        return _generate(model, prompt, concepts, loras, styles, options, inputs, timer, noise, callback,
+                         (instantid, faces))
 
 
 def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Optional[LoraFile]],
               styles: list[tuple[LoraFile, float]], o: OMGOptions, inputs: "_Inputs", timer: "_Timer",
-              noise: Optional[Tensor], callback: Optional[StepCallback]) -> Union[Result, list[Result]]:
+              noise: Optional[Tensor], callback: Optional[StepCallback],
+              instantid: tuple = (None, {})) -> Union[Result, list[Result]]:
     unet, n = model.unet, len(inputs.seeds)
+    instantid_models, faces = instantid
 
     # ---- setup: concept weights, conditioning, ControlNets, noise, the model-call schedule ---------------------
     # every LoRA is matched before sampling: one for another base fails here, the model untouched
@@ -156,12 +167,19 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
     # stage 1) -------------------------------------------------------------------------------------------------
     final, stage2 = stage1.latent, None
     if o.blend_steps > 0:
+        face_passes = None
+        if any(i in faces for i in active):
+            masks_active = torch.stack([m.masks[active] for m in concept_masks])
+            detected = [detect_faces(im, o.face_models) for im in stage1_images] if o.face_models else ()
+            by_position = {j: faces[i] for j, i in enumerate(active) if i in faces}
+            face_passes = FacePasses.prepare(instantid_models, by_position, masks_active, (o.width, o.height),
+                                             o.ip_adapter_scale, o.identitynet_scale, detected)
         stage2 = BlendedEps(unet, stage1.record, base_cond, [concept_cond[i] for i in active],
-                            concept_models.for_stage2(active, n),
+                            concept_models.for_stage2([i for i in active if i not in faces], n),
                             torch.stack([m.masks[active] for m in concept_masks]).to(model.device),
                             [[j for j, i in enumerate(active) if m.found[i]] for m in concept_masks],
                             o.guidance, o.guidance_rescale, o.replay, inputs.cuda_graphs, controls,
-                            o.control_concepts, o.crop_margin if o.concept_crop else None)
+                            o.control_concepts, o.crop_margin if o.concept_crop else None, face_passes)
         with stage2:
             # steps before the blend start are answered from stage 1's record: the bar counts the blending ones
             final = run_sampler(stage2, noise, sigmas, o.sampler, schedule=noise_schedule, disable=not o.progress,
@@ -199,6 +217,13 @@ def check_request(prompt: str, concepts: Sequence[Concept], options: OMGOptions)
             raise OptionError(f"concept {i} must be an omg.Concept, got {type(c).__name__}")
         if isinstance(c.lora, (str, os.PathLike)) and not os.path.exists(c.lora):
             raise LoraError(f"concept {i} ({c.class_name!r}): no LoRA file {os.fspath(c.lora)}")
+        if c.face is not None:
+            if c.lora is not None:
+                raise OptionError(f"concept {i} ({c.class_name!r}): a concept is a LoRA or an InstantID face, not both")
+            try:
+                check_face_source(c.face, options.face_models)
+            except FaceError as e:
+                raise FaceError(f"concept {i} ({c.class_name!r}): {e}") from e
     names = [c.class_name for c in concepts]
     if concepts:
         concept_token_indices(prompt, names)
@@ -247,6 +272,8 @@ class _Inputs:
         token_indices = concept_token_indices(prompt, names) if concepts else []
         user_masks = prepare_user_masks([c.mask for c in concepts], (o.height, o.width), names)
         check_controls(o.control, model.unet.config)
+        if any(c.face is not None for c in concepts):
+            check_instantid(o.face_adapter, o.identitynet, model.unet.config)
         sam = SamRefiner(o.sam, device=model.device) if isinstance(o.sam, str) else o.sam
         return cls(seeds, names, token_indices, sorted({i for idx in token_indices for i in idx}),
                    user_masks, sam, graphable if o.cuda_graphs is None else o.cuda_graphs)

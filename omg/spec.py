@@ -55,10 +55,11 @@ CONCEPT_KEYS: dict[str, tuple[Check, str, bool]] = {
     "negative_prompt": (_is_str, "a string (null: the global negative prompt)", True),
     "lora_scale": (_is_number, "a number", False),
     "mask": (lambda v: _is_box(v) or _is_str(v), "a box [x0, y0, x1, y1] in pixels or a mask image path", True),
+    "face": (_is_str, "a path to a face photo or a precomputed face (.safetensors/.npy): an InstantID concept", True),
 }
 REQUIRED_CONCEPT_KEYS = ("class_name", "prompt")
-PATH_KEYS = ("checkpoint", "sam")  # run keys and options holding paths
-CONCEPT_PATH_KEYS = ("lora", "mask")
+PATH_KEYS = ("checkpoint", "sam", "face_adapter", "identitynet", "face_models")  # run keys and options with paths
+CONCEPT_PATH_KEYS = ("lora", "mask", "face")
 
 
 def option_checks() -> dict[str, tuple[Check, str, bool]]:
@@ -253,6 +254,8 @@ def run_record(prompt: str, concepts: list[dict], checkpoint: Optional[str], dev
     filled = [{**defaults, **c} for c in concepts]
     for c in filled:
         c["lora"] = portable_path(c["lora"], folder)
+        if isinstance(c.get("face"), str):
+            c["face"] = portable_path(c["face"], folder)
         if isinstance(c["mask"], str):
             c["mask"] = portable_path(c["mask"], folder)
         elif c["mask"] is not None:
@@ -263,6 +266,9 @@ def run_record(prompt: str, concepts: list[dict], checkpoint: Optional[str], dev
         value = getattr(options, f.name)
         record[f.name] = list(value) if isinstance(value, tuple) else value
     record["sam"] = portable_path(record["sam"], folder) if isinstance(record["sam"], str) else None
+    for key in ("face_adapter", "identitynet", "face_models"):
+        if key in record:
+            record[key] = portable_path(record[key], folder) if isinstance(record[key], str) else None
     for key, _, fields in ENTRY_PATH_KEYS:  # Control / StyleLora objects as their fields, paths made portable
         record[key] = [{**d, **{f: portable_path(d[f], folder) for f in fields}}
                        for d in (entry.describe() for entry in getattr(options, key))]

@@ -13,6 +13,7 @@ record's CallSchedule (omg.schedule), planned once before stage 1.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 
 import kernels
 from omg.attention import RowLayout
-from omg.concept_weights import Role, StageTwoWeights, UNetPass
+from omg.concept_weights import FaceRows, Role, StageTwoWeights, UNetPass
 from omg.crop import CropBox, concept_boxes, unet_multiple
 from omg.errors import OptionError, ScheduleError
 from omg.graphs import GraphedCall
@@ -30,6 +31,7 @@ from omg.stage1 import Stage1Record
 
 if TYPE_CHECKING:
     from omg.control import ControlStack
+    from omg.instantid import FacePasses
 
 Conditioning = tuple[Tensor, Tensor]  # (context, y) of a UNet call's rows
 
@@ -69,15 +71,19 @@ class BlendedEps:
     control_concepts, when every concept pass gets them too (computed with the concept's prompt).
 
     crop_margin: None runs every concept pass on the whole latent (the exact path); a number of latent pixels runs
-    each concept's pass on its mask's bounding box (over the images) plus that margin (omg.crop), one pass per
-    concept (the crops differ in shape); the base pass, with its replay, stays on the whole latent.
+    each LoRA concept's pass on its mask's bounding box (over the images) plus that margin (omg.crop), one pass per
+    concept (the crops differ in shape); the base pass, with its replay, and face passes stay on the whole latent.
+    faces: the InstantID concepts (omg.instantid.FacePasses, by active position): they run in passes of their own
+    (role FaceRows: the base weights, their face tokens, their IdentityNet), one per conditioning shape; `weights`
+    then holds the other active concepts only, in order.
     """
 
     def __init__(self, unet: torch.nn.Module, record: Stage1Record, base_cond: Conditioning,
                  concept_cond: Sequence[Conditioning], weights: StageTwoWeights, masks: Tensor,
                  present: Sequence[Sequence[int]], guidance: float, guidance_rescale: float = 0.0,
                  replay: bool = True, cuda_graphs: bool = False, controls: Optional["ControlStack"] = None,
-                 control_concepts: bool = False, crop_margin: Optional[int] = None):
+                 control_concepts: bool = False, crop_margin: Optional[int] = None,
+                 faces: Optional["FacePasses"] = None):
         self.unet, self.record, self.weights = unet, record, weights
         self.controls, self.control_concepts = controls, control_concepts
         self.images = masks.shape[0]
@@ -87,9 +93,21 @@ class BlendedEps:
         self.guidance, self.guidance_rescale = guidance, guidance_rescale
         self.dtype = next(unet.parameters()).dtype
         count = masks.shape[1]
-        shapes = {(c.shape[1:], y.shape[1:]) for c, y in [base_cond, *concept_cond]}
-        self.crops = self._crop_boxes(unet, masks, crop_margin, control_concepts, self.present)
-        self.passes = weights.passes(count, self.rows.rows, one_call_possible=len(shapes) == 1 and not self.crops)
+        self.faces = faces
+        face_js = faces.concepts if faces is not None else []
+        others = [j for j in range(count) if j not in face_js]
+        shape = lambda cond: (cond[0].shape[1:], cond[1].shape[1:])  # noqa: E731
+        shapes = {shape(c) for c in [base_cond, *(concept_cond[j] for j in others)]}
+        # crops are for the LoRA concepts: a face pass's IdentityNet residuals are for the whole latent
+        crops = self._crop_boxes(unet, masks, crop_margin, control_concepts, self.present)
+        self.crops = {j: box for j, box in crops.items() if j not in face_js}
+        self.passes = [dataclasses.replace(p, concepts=tuple(others[j] for j in p.concepts))
+                       for p in weights.passes(len(others), self.rows.rows,
+                                               one_call_possible=len(shapes) == 1 and not self.crops)]
+        by_shape: dict = {}
+        for j in face_js:
+            by_shape.setdefault(shape(concept_cond[j]), []).append(j)
+        self.passes += [UNetPass(FaceRows(tuple(js)), False, tuple(js)) for js in by_shape.values()]
         # conditioning of each pass, made once: a captured graph keeps its inputs' pointers
         base_rows = cfg_rows(base_cond, self.images)
         if self.rows.with_source:  # the source rows run the global prompt's cond
@@ -239,6 +257,11 @@ class BlendedEps:
         if acting:  # the ControlNets run outside the role's weights: concept LoRAs are the UNet's alone
             r = control_rows
             residuals = self.controls.residuals(acting, x[:r], t[:r], cond[0][:r], cond[1][:r])
+        if isinstance(role, FaceRows):  # IdentityNet on every row, attending to the face tokens
+            face = self.faces.residuals(role.concepts, x, t, cond)
+            residuals = face if residuals is None else face + residuals
+            with self.faces.applied(role.concepts):
+                return self.unet(x, t, *cond, control=residuals)
         with self.weights.applied(role):
             return self.unet(x, t, *cond, control=residuals)
 

@@ -113,6 +113,8 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.path = ""
         self.processor: Optional[AttentionProcessor] = None
+        # an additive branch (omg.ip_adapter's decoupled cross-attention): extra(layer, x, out) -> out
+        self.extra: Optional[Callable[["Attention", Tensor, Tensor], Tensor]] = None
 
     def qkv(self, x: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Projected queries, keys, values, each (B, heads, tokens, head_dim)."""
@@ -126,8 +128,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         if self.processor is not None:
-            return self.processor(self, x, context)
-        return self.out(F.scaled_dot_product_attention(*self.qkv(x, context)))
+            out = self.processor(self, x, context)
+        else:
+            out = self.out(F.scaled_dot_product_attention(*self.qkv(x, context)))
+        return out if self.extra is None else self.extra(self, x, out)
 
 
 class GEGLU(nn.Module):

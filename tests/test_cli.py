@@ -70,7 +70,8 @@ def test_flags_render_with_a_k_diffusion_sampler_and_the_image_renders_again_fro
     assert "man: a photo of sks man" in fields["OMG concepts"]
     run = json.loads(image.text["omg"])
     assert run["concepts"][1] == {"class_name": "woman", "prompt": "a photo of xyz woman", "lora": None,
-                                  "negative_prompt": "ugly", "lora_scale": 0.8, "mask": None}
+                                  "negative_prompt": "ugly", "lora_scale": 0.8, "mask": None,
+                                  "face": None}
     assert run["steps"] == 3 and run["sampler"] == "euler" and run["store"] == "recompute"  # defaults filled in
     assert set(run) >= {f for f in omg.OMGOptions.__dataclass_fields__ if f not in ("store_dtype", "keep_stage2")}
     assert str(tmp_path) not in image.text["omg"] and ROOT not in image.text["omg"]  # no absolute path
@@ -143,7 +144,7 @@ def test_a_bad_spec_is_one_line_before_any_loading(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         f"omg: error: {spec}: concepts[0]: unknown key 'class'; did you mean 'class_name'? Known keys: class_name, "
-        "prompt, lora, negative_prompt, lora_scale, mask")
+        "prompt, lora, negative_prompt, lora_scale, mask, face")
     assert not (tmp_path / "x.png").exists()
 
 

@@ -1,0 +1,132 @@
+"""The cost of InstantID concepts in OMG: a k-concept image at 1024x1024 with full-size SDXL, InstantID's face
+adapter (IP-Adapter Plus resampler + decoupled attn2 projections) and IdentityNet (a full SDXL ControlNet), all on
+random weights, 50 DDIM steps, blending over the last 35: k LoRA concepts (rank 64, grouped stage 2), k InstantID
+concepts (precomputed random faces: each its own pass with its face tokens and IdentityNet; concepts whose prompts
+encode alike share one), and one of each. Seconds per stage, peak memory, added seconds per blending call.
+
+Random weights make the masks meaningless: each concept gets a user box. CUDA graphs are off unless --cuda-graphs
+(the face passes under graphs are not yet measured on a GPU).
+Run on the GPU machine:  python -m bench.instantid [--out DIR]
+On a CPU, at a tiny size (checks that it runs):  python -m bench.instantid --tiny
+Writes bench/results/instantid_<gpu>.json (or into --out), and a copy under $OUT when that is set.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from bench.common import DTYPES, write_json
+from bench.controlnet import boxes, random_controlnet
+from omg.controlnet import ControlNetConfig
+from omg.faces import CANONICAL_KEYPOINTS, Face
+from omg.ip_adapter import IPAdapter, ResamplerConfig
+from omg.lora import load_lora
+from omg.pipeline import Concept, generate
+
+CLASSES = ["man", "woman", "dog", "cat", "robot"]
+
+
+def random_adapter(unet_config, device: str, dtype: torch.dtype, resampler: ResamplerConfig) -> IPAdapter:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        adapter = IPAdapter(unet_config, resampler)
+    adapter.to_empty(device=device)
+    with torch.no_grad():
+        for m in adapter.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if isinstance(m, torch.nn.LayerNorm):
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                else:
+                    p.normal_(0, 0.02)
+    return adapter.to(dtype).eval().requires_grad_(False)
+
+
+def random_face(seed: int) -> Face:
+    g = torch.Generator().manual_seed(seed)
+    return Face(torch.randn(512, generator=g) * 4, CANONICAL_KEYPOINTS * 200, f"random {seed}")
+
+
+def run(model, args, kinds: list[str], loras, extra: dict, label: str) -> dict:
+    cuda = torch.cuda.is_available() and not args.tiny
+    concepts = []
+    for i, (kind, box) in enumerate(zip(kinds, boxes(len(kinds), args.width, args.height))):
+        prompt = f"a photo of sks {CLASSES[i]}"
+        concepts.append(Concept(CLASSES[i], prompt, lora=loras[i], mask=box) if kind == "lora"
+                        else Concept(CLASSES[i], prompt, face=random_face(i), mask=box))
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = generate(model, "a man, a woman, a dog, a cat and a robot in a park", concepts, steps=args.steps,
+                      blend_steps=args.blend_steps, height=args.height, width=args.width, progress=False,
+                      cuda_graphs=cuda and args.cuda_graphs, **extra)
+    wall = time.perf_counter() - start
+    t = result.timings
+    row = dict(label=label, kinds=kinds, seconds=round(t["total"], 3), wall_seconds=round(wall, 3),
+               timings={n: round(v, 3) for n, v in t.items()}, unet_evaluations=result.unet_evaluations,
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
+    print(f"{label:24s}: {t['total']:6.2f} s (setup {t['setup']:.2f}, stage1 {t['stage1']:.2f}, "
+          f"stage2 {t['stage2']:.2f}); peak {row['peak_gib']} GiB", flush=True)
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=2, help="concepts")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--blend-steps", type=int, default=35)
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random SDXL on the CPU at 64x96, 4 steps")
+    parser.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
+    args = parser.parse_args(argv)
+    from bench.lora import kohya_lora
+    if args.tiny:
+        from omg.model import SDXL
+        from omg.vae import VAEConfig
+        args.height, args.width, args.steps, args.blend_steps = 64, 96, 4, 2
+        model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+        device, dtype = "cpu", torch.float32
+        net = random_controlnet(ControlNetConfig.tiny(model.unet.config), device, dtype)
+        resampler = ResamplerConfig(dim=128, heads=2, output_dim=model.unet.config.context_dim)
+        rank = 4
+    else:
+        from bench.generate import random_sdxl
+        args.height = args.width = 1024
+        device, dtype = "cuda", DTYPES[args.dtype]
+        model = random_sdxl(dtype)
+        net = random_controlnet(ControlNetConfig.sdxl(), device, dtype)
+        resampler = ResamplerConfig.instantid(model.unet.config.context_dim)
+        rank = 64
+    adapter = random_adapter(model.unet.config, device, dtype, resampler)
+    loras = [load_lora(kohya_lora(model.unet, rank, locon=False, seed=i + 1), device=device) for i in range(args.k)]
+    extra = dict(face_adapter=adapter, identitynet=net)
+    faces, mixed = ["face"] * args.k, ["lora"] + ["face"] * (args.k - 1)
+    run(model, args, faces, loras, extra, "warm-up")
+    rows = [run(model, args, ["lora"] * args.k, loras, {}, f"{args.k} LoRA concepts"),
+            run(model, args, faces, loras, extra, f"{args.k} InstantID concepts"),
+            run(model, args, mixed, loras, extra, "LoRA + InstantID")]
+    lora, face, _ = rows
+    summary = {"stage2_added_s": round(face["timings"]["stage2"] - lora["timings"]["stage2"], 3),
+               "stage2_added_ms_per_call": round(1e3 * (face["timings"]["stage2"] - lora["timings"]["stage2"])
+                                                 / args.blend_steps, 2),
+               "total_ratio": round(face["seconds"] / lora["seconds"], 3)}
+    if lora["peak_gib"] is not None:
+        summary["peak_added_gib"] = round(face["peak_gib"] - lora["peak_gib"], 2)
+    print("summary:", summary, flush=True)
+    out = {"steps": args.steps, "blend_steps": args.blend_steps, "k": args.k,
+           "dtype": "fp32" if args.tiny else args.dtype, "resolution": [args.height, args.width],
+           "cuda_graphs": bool(args.cuda_graphs and not args.tiny), "rows": rows, "summary": summary,
+           "note": "random weights; each concept a user box; LoRA concepts grouped (one UNet call a step); InstantID "
+                   "concepts share one face pass (base weights, face tokens, IdentityNet over their rows)"}
+    path = write_json("instantid_tiny" if args.tiny else "instantid", out, args.out)
+    print("wrote", path)
+    return out
+
+
+if __name__ == "__main__":
+    main()
