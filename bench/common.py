@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 import torch
+from torch import nn
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -74,3 +75,54 @@ def write_json(name: str, payload: dict, out_dir: str | None = None) -> str:
         with open(os.path.join(os.environ["OUT"], os.path.basename(path)), "w") as f:
             f.write(text + "\n")
     return path
+
+
+def random_on_device(build: Callable[[], nn.Module], device, dtype: torch.dtype, seed: int = 0,
+                     zero_vectors: bool = True) -> nn.Module:
+    """build() made on the meta device and filled on `device`: norms identity, matrices N(0, 0.02), other vectors
+    zero (or, zero_vectors=False, N(0, 0.02) too). Full-size random models without a CPU copy."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        module = build()
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                elif p.dim() >= 2 or not zero_vectors:
+                    p.normal_(0, 0.02)
+                else:
+                    p.zero_()
+    return module.to(dtype).eval()
+
+
+def tiny_sdxl(**kw):
+    """The tiny random SDXL the CPU benches' --tiny runs use (tests/test_pipeline.py's model)."""
+    from omg.model import SDXL
+    from omg.vae import VAEConfig
+
+    return SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5, **kw)
+
+
+def timed_generate(model, prompt: str, concepts: list, label: str, cuda: bool, **options) -> tuple:
+    """One omg.generate call timed (its own stage timings and the wall clock) with its peak CUDA memory, printed:
+    (result, row of seconds, wall_seconds, timings, unet_evaluations, peak_gib)."""
+    import gc
+
+    from omg.pipeline import generate
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = generate(model, prompt, concepts, progress=False, **options)
+    wall = time.perf_counter() - start
+    t = result.timings
+    row = dict(seconds=round(t["total"], 3), wall_seconds=round(wall, 3),
+               timings={n: round(v, 3) for n, v in t.items()}, unet_evaluations=result.unet_evaluations,
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
+    print(f"{label:28s}: {t['total']:6.2f} s (setup {t['setup']:.2f}, stage1 {t['stage1']:.2f}, "
+          f"stage2 {t['stage2']:.2f}); peak {row['peak_gib']} GiB", flush=True)
+    return result, row

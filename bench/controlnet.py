@@ -12,38 +12,24 @@ Writes bench/results/controlnet_<gpu>.json (or into --out), and a copy under $OU
 from __future__ import annotations
 
 import argparse
-import gc
-import time
 
 import torch
 from PIL import Image, ImageDraw
 
-from bench.common import DTYPES, write_json
+from bench.common import DTYPES, random_on_device, timed_generate, tiny_sdxl, write_json
 from omg.control import Control
 from omg.controlnet import ControlNet, ControlNetConfig
 from omg.lora import load_lora
-from omg.pipeline import Concept, generate
+from omg.pipeline import Concept
 
 CLASSES = ["man", "woman", "dog", "cat", "robot"]
+PROMPT = "a man, a woman, a dog, a cat and a robot in a park"  # every class of CLASSES
 
 
 def random_controlnet(config: ControlNetConfig, device: str, dtype: torch.dtype, seed: int = 0) -> ControlNet:
     """N(0, 0.02) matrices, zero biases, identity norms (as bench.lora.random_unet); zero convs random too, so
     the residuals are not zero. Built directly on the device."""
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        controlnet = ControlNet(config)
-    controlnet.to_empty(device=device)
-    with torch.no_grad():
-        for m in controlnet.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                    p.fill_(1.0 if name == "weight" else 0.0)
-                elif p.dim() >= 2:
-                    p.normal_(0, 0.02)
-                else:
-                    p.zero_()
-    return controlnet.to(dtype).eval().requires_grad_(False)
+    return random_on_device(lambda: ControlNet(config), device, dtype, seed).requires_grad_(False)
 
 
 def pose_image(height: int, width: int) -> Image.Image:
@@ -69,23 +55,11 @@ def run(model, loras, args, control: list, control_concepts: bool, label: str) -
     cuda = torch.cuda.is_available() and not args.tiny
     concepts = [Concept(CLASSES[i], f"a photo of sks {CLASSES[i]}", lora=loras[i], mask=box)
                 for i, box in enumerate(boxes(args.k, args.width, args.height))]
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = generate(model, "a man, a woman, a dog, a cat and a robot in a park", concepts, steps=args.steps,
-                      blend_steps=args.blend_steps, height=args.height, width=args.width, progress=False,
-                      control=control, control_concepts=control_concepts, cuda_graphs=cuda)
-    wall = time.perf_counter() - start
-    t = result.timings
-    row = dict(label=label, k=args.k, controlnets=len(control), control_concepts=control_concepts, cuda_graphs=cuda,
-               seconds=round(t["total"], 3), wall_seconds=round(wall, 3),
-               timings={n: round(v, 3) for n, v in t.items()}, unet_evaluations=result.unet_evaluations,
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
-    print(f"{label:28s} k={args.k}: {t['total']:6.2f} s (setup {t['setup']:.2f}, stage1 {t['stage1']:.2f}, "
-          f"stage2 {t['stage2']:.2f}); peak {row['peak_gib']} GiB", flush=True)
-    return row
+    _, timed = timed_generate(model, PROMPT, concepts, f"{label} (k={args.k})", cuda, steps=args.steps,
+                              blend_steps=args.blend_steps, height=args.height, width=args.width, control=control,
+                              control_concepts=control_concepts, cuda_graphs=cuda)
+    return dict(label=label, k=args.k, controlnets=len(control), control_concepts=control_concepts, cuda_graphs=cuda,
+                **timed)
 
 
 def main(argv=None) -> dict:
@@ -100,10 +74,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.tiny:
         from bench.lora import kohya_lora
-        from omg.model import SDXL
-        from omg.vae import VAEConfig
         args.height, args.width, args.steps, args.blend_steps = 64, 96, 4, 2
-        model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+        model = tiny_sdxl()
         controlnet = random_controlnet(ControlNetConfig.tiny(model.unet.config), "cpu", torch.float32)
         loras = [load_lora(kohya_lora(model.unet, 4, locon=False, seed=i + 1)) for i in range(args.k)]
     else:

@@ -13,35 +13,21 @@ Writes bench/results/instantid_<gpu>.json (or into --out), and a copy under $OUT
 from __future__ import annotations
 
 import argparse
-import gc
-import time
 
 import torch
 
-from bench.common import DTYPES, write_json
-from bench.controlnet import boxes, random_controlnet
+from bench.common import DTYPES, random_on_device, timed_generate, tiny_sdxl, write_json
+from bench.controlnet import CLASSES, PROMPT, boxes, random_controlnet
 from omg.controlnet import ControlNetConfig
 from omg.faces import CANONICAL_KEYPOINTS, Face
 from omg.ip_adapter import IPAdapter, ResamplerConfig
 from omg.lora import load_lora
-from omg.pipeline import Concept, generate
-
-CLASSES = ["man", "woman", "dog", "cat", "robot"]
-
+from omg.pipeline import Concept
 
 def random_adapter(unet_config, device: str, dtype: torch.dtype, resampler: ResamplerConfig) -> IPAdapter:
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        adapter = IPAdapter(unet_config, resampler)
-    adapter.to_empty(device=device)
-    with torch.no_grad():
-        for m in adapter.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if isinstance(m, torch.nn.LayerNorm):
-                    p.fill_(1.0 if name == "weight" else 0.0)
-                else:
-                    p.normal_(0, 0.02)
-    return adapter.to(dtype).eval().requires_grad_(False)
+    """N(0, 0.02) weights and biases, identity norms, built directly on the device."""
+    return random_on_device(lambda: IPAdapter(unet_config, resampler), device, dtype,
+                            zero_vectors=False).requires_grad_(False)
 
 
 def random_face(seed: int) -> Face:
@@ -56,22 +42,9 @@ def run(model, args, kinds: list[str], loras, extra: dict, label: str) -> dict:
         prompt = f"a photo of sks {CLASSES[i]}"
         concepts.append(Concept(CLASSES[i], prompt, lora=loras[i], mask=box) if kind == "lora"
                         else Concept(CLASSES[i], prompt, face=random_face(i), mask=box))
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = generate(model, "a man, a woman, a dog, a cat and a robot in a park", concepts, steps=args.steps,
-                      blend_steps=args.blend_steps, height=args.height, width=args.width, progress=False,
-                      cuda_graphs=cuda and args.cuda_graphs, **extra)
-    wall = time.perf_counter() - start
-    t = result.timings
-    row = dict(label=label, kinds=kinds, seconds=round(t["total"], 3), wall_seconds=round(wall, 3),
-               timings={n: round(v, 3) for n, v in t.items()}, unet_evaluations=result.unet_evaluations,
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
-    print(f"{label:24s}: {t['total']:6.2f} s (setup {t['setup']:.2f}, stage1 {t['stage1']:.2f}, "
-          f"stage2 {t['stage2']:.2f}); peak {row['peak_gib']} GiB", flush=True)
-    return row
+    _, timed = timed_generate(model, PROMPT, concepts, label, cuda, steps=args.steps, blend_steps=args.blend_steps,
+                              height=args.height, width=args.width, cuda_graphs=cuda and args.cuda_graphs, **extra)
+    return dict(label=label, kinds=kinds, **timed)
 
 
 def main(argv=None) -> dict:
@@ -86,10 +59,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     from bench.lora import kohya_lora
     if args.tiny:
-        from omg.model import SDXL
-        from omg.vae import VAEConfig
         args.height, args.width, args.steps, args.blend_steps = 64, 96, 4, 2
-        model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+        model = tiny_sdxl()
         device, dtype = "cpu", torch.float32
         net = random_controlnet(ControlNetConfig.tiny(model.unet.config), device, dtype)
         resampler = ResamplerConfig(dim=128, heads=2, output_dim=model.unet.config.context_dim)

@@ -25,7 +25,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from bench.common import device_name, write_json
+from bench.common import device_name, random_on_device, write_json
 from omg.lora import ConceptWeights, UnmergedLora, load_lora, merge_lora_
 from omg.unet import SpatialTransformer, UNet, UNetConfig
 
@@ -69,20 +69,7 @@ def peak(fn, device):
 
 def random_unet(cfg, device, dtype, seed=0):
     """N(0, 0.02) matrices, zero biases, identity norms; built directly on the device."""
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        unet = UNet(cfg)
-    unet.to_empty(device=device)
-    with torch.no_grad():
-        for m in unet.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                    p.fill_(1.0 if name == "weight" else 0.0)
-                elif p.dim() >= 2:
-                    p.normal_(0, 0.02)
-                else:
-                    p.zero_()
-    return unet.to(dtype).eval()
+    return random_on_device(lambda: UNet(cfg), device, dtype, seed)
 
 
 def kohya_lora(unet, rank, locon, seed=1):
