@@ -244,6 +244,38 @@ def give_own_grads(params: Sequence[nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
 
 
+class StepGuard:
+    """A training step's safety net, with no per-step host sync: a step whose gradient norm is not finite is
+    skipped on the device (fused AdamW reads found_inf), and when a logged window has more than 10 % of them, or
+    a non-finite loss, under a CUDA graph, the rest of the stage runs the eager call instead."""
+
+    def __init__(self, tag: str, call: Callable, mode: str, eager: Callable[[], Callable], trainer: "Trainer"):
+        self.tag, self.call, self.mode, self.eager, self.trainer = tag, call, mode, eager, trainer
+        self.skipped = torch.zeros((), device=trainer.device)
+        self.seen = 0.0
+
+    def clip(self, opt: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> Tensor:
+        """Clip the gradients to norm 1; returns the device flag `bad` (1.0: this step is skipped)."""
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        bad = (~torch.isfinite(norm)).float()  # 0-dim
+        self.skipped.add_(bad)
+        if self.trainer.device.type == "cuda":
+            opt.found_inf = bad  # read by fused AdamW (it subtracts it from each 0-dim step count)
+        return bad
+
+    def on_log(self, values: list[float]) -> None:
+        total = float(self.skipped)  # a sync, once per log_every steps
+        new, self.seen = total - self.seen, total
+        if self.mode != "eager" and (new > 0.1 * len(values) or not all(math.isfinite(v) for v in values)):
+            self.trainer.say(f"{self.tag}: {new:.0f} of {len(values)} steps non-finite under {self.mode} (skipped); "
+                             "the rest runs eagerly")
+            self.mode, self.call = "eager", self.eager()
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.skipped.item())
+
+
 def graphed(module: nn.Module, sample_args: tuple, log: Callable[[str], None]) -> Optional[Callable]:
     """The module as a CUDA graph (forward and backward; torch.cuda.make_graphed_callables), or None when capture
     fails (the caller falls back). The sample arguments are detached: the graph's inputs must be leaves."""
@@ -433,38 +465,23 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
     whole = TextAndUNet(text, net, size, device)
     mode, call = _compile_step(net, whole, trainer, data, batch, drop, ac)
     trainer.say(f"unet stage runs as {mode}")
-    state = {"call": call, "mode": mode}
-
-    skipped = torch.zeros((), device=device)
-    seen = {"skipped": 0.0}
-
-    def on_log(values: list[float]) -> None:
-        total = float(skipped)  # a sync, once per log_every steps
-        new, seen["skipped"] = total - seen["skipped"], total
-        if state["mode"] != "eager" and (new > 0.1 * len(values) or not all(math.isfinite(v) for v in values)):
-            trainer.say(f"{new:.0f} of {len(values)} steps non-finite under {state['mode']} (skipped); "
-                        "the rest runs eagerly")
-            state["mode"], state["call"] = "eager", _eager_step(whole, trainer, data, batch, drop, ac)
+    guard = StepGuard("unet", call, mode, lambda: _eager_step(whole, trainer, data, batch, drop, ac), trainer)
 
     def step(i: int) -> Tensor:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(i, steps, group["peak"], progress=trainer.progress(i, steps))
-        eps, grounding, noise = state["call"]()
+        eps, grounding, noise = guard.call()
         diffusion = F.mse_loss(eps, noise)
         loss = diffusion + grounding_weight * grounding
         opt.zero_grad(set_to_none=False)  # graphed backward writes into the same .grad tensors every step
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        bad = (~torch.isfinite(norm)).float()  # 0-dim: a non-finite step is skipped on the device (no sync)
-        skipped.add_(bad)
-        if device.type == "cuda":
-            opt.found_inf = bad  # read by fused AdamW (it subtracts it from each 0-dim step count)
+        bad = guard.clip(opt, params)
         opt.step()
         ema.update(~bad.bool())
         return torch.stack([diffusion.detach(), grounding.detach()])
 
-    stats = {**_run_two(trainer, steps, step, deadline, on_log), "mode": mode, "final_mode": state["mode"],
-             "skipped_steps": int(skipped.item())}
+    stats = {**_run_two(trainer, steps, step, deadline, guard.on_log), "mode": mode, "final_mode": guard.mode,
+             "skipped_steps": guard.skipped_steps}
     ema.copy_to_params()
     net.detach_processor()
     unet.eval().requires_grad_(False)
@@ -628,37 +645,23 @@ def train_lora(model: SDXL, name: str, instance: Sequence[Scene], prior: Sequenc
         return x_t, t, context[idx], y[idx], dummy, dummy.float(), noise
 
     graph = graphed(net, sample()[:6], trainer.say) if device.type == "cuda" else None
-    state = {"call": graph if graph is not None else net, "mode": "eager" if graph is None else "graph"}
-
-    skipped = torch.zeros((), device=device)
-    seen = {"skipped": 0.0}
-
-    def on_log(values: list[float]) -> None:
-        total = float(skipped)
-        new, seen["skipped"] = total - seen["skipped"], total
-        if state["mode"] != "eager" and (new > 0.1 * len(values) or not all(math.isfinite(v) for v in values)):
-            trainer.say(f"lora:{name}: {new:.0f} of {len(values)} steps non-finite under a CUDA graph (skipped); "
-                        "the rest runs eagerly")
-            state["mode"], state["call"] = "eager", net
+    guard = StepGuard(f"lora:{name}", graph if graph is not None else net, "eager" if graph is None else "graph",
+                      lambda: net, trainer)
 
     def step(i: int) -> Tensor:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(i, steps, lr, warmup=50, progress=trainer.progress(i, steps))
         x_t, t, c, yy, pos, w, noise = sample()
-        eps, _ = state["call"](x_t, t, c, yy, pos, w)
+        eps, _ = guard.call(x_t, t, c, yy, pos, w)
         loss = F.mse_loss(eps[:half], noise[:half]) + F.mse_loss(eps[half:], noise[half:])
         opt.zero_grad(set_to_none=False)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        bad = (~torch.isfinite(norm)).float()
-        skipped.add_(bad)
-        if device.type == "cuda":  # a non-finite step is skipped on the device (no sync), as in train_unet
-            opt.found_inf = bad
+        guard.clip(opt, params)
         opt.step()
         return loss
 
-    stats = {**trainer.run(f"lora:{name}", steps, step, deadline, on_log), "mode": state["mode"],
-             "skipped_steps": int(skipped.item())}
+    stats = {**trainer.run(f"lora:{name}", steps, step, deadline, guard.on_log), "mode": guard.mode,
+             "skipped_steps": guard.skipped_steps}
     net.detach_processor()
     state = kohya_state_dict(wrapped)
     remove_lora(unet, wrapped)
