@@ -254,11 +254,10 @@ def test_controlnet_and_style_lora_flags(tmp_path):
     import torch
 
     from omg.controlnet import ControlNet, ControlNetConfig, save_controlnet
-    from omg.model import SDXL, save_sgm
-    from omg.vae import VAEConfig
-    from test_pipeline import kohya_lora
+    from omg.model import save_sgm
+    from test_pipeline import kohya_lora, tiny_model
 
-    model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+    model = tiny_model()
     save_sgm(model, tmp_path / "base.safetensors")
     controlnet = ControlNet(ControlNetConfig.tiny(model.unet.config))
     save_controlnet(controlnet, tmp_path / "pose_cn.safetensors")

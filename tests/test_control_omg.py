@@ -11,12 +11,10 @@ import omg
 from omg.control import Control
 from omg.controlnet import ControlNet, ControlNetConfig
 from omg.lora import merged_lora, text_encoder_lora
-from omg.model import SDXL
 from omg.sampling import NoiseSchedule, apply_guidance, run_sampler
-from omg.vae import VAEConfig
 
 from test_controlnet import diffusers_controlnet_config, to_diffusers
-from test_pipeline import kohya_lora
+from test_pipeline import kohya_lora, tiny_model
 from test_unet import diffusers_config
 
 H, W = 64, 96  # latent 8 x 12
@@ -27,7 +25,7 @@ SIZE_EMBED = 4  # SDXL.random's size-embedding width
 
 @pytest.fixture(scope="module")
 def model():
-    return SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+    return tiny_model()
 
 
 def random_controlnet(model, seed):
@@ -200,7 +198,7 @@ def test_bad_controls_and_styles_are_rejected_before_sampling(model, controlnets
 def test_graphed_generation_with_controlnets_equals_eager(tmp_path, lora_mode):
     """Two ControlNets with different step windows (so stage 1 and stage 2 switch between graphs of different acting
     sets), the grouped one-call stage 2 or merged concepts: graphs vs eager, same bits."""
-    model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5, device="cuda")
+    model = tiny_model(device="cuda")
     cns = [random_controlnet(model, 11).cuda(), random_controlnet(model, 12).cuda()]
     loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
     concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 40, 64)),

@@ -4,13 +4,11 @@ import torch
 
 import omg
 from omg.errors import SamplingError
-from omg.model import SDXL
-from omg.vae import VAEConfig
-from test_pipeline import H, PROMPT, W, kohya_lora
+from test_pipeline import H, PROMPT, W, kohya_lora, tiny_model
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_run():
-    model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+    model = tiny_model()
     with pytest.raises(SamplingError, match="cuda_graphs"):
         omg.generate(model, PROMPT, steps=2, blend_steps=1, height=H, width=W, progress=False, cuda_graphs=True)
 
@@ -22,8 +20,7 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
 def test_graphed_generation_equals_eager(tmp_path, dtype, lora_mode):
     """Stage 1 (with heat-map capture), masks, stage 2 (base and concept passes in one call, or merged concepts in
     calls of their own): graphs vs eager, same bits."""
-    model = SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5, device="cuda",
-                        dtype=dtype)
+    model = tiny_model(device="cuda", dtype=dtype)
     loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
     concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0]),
                 omg.Concept("woman", "a photo of xyz woman", lora=loras[1])]

@@ -12,14 +12,12 @@ from omg import faces as facelib
 from omg import ip_adapter as ipa
 from omg.controlnet import load_controlnet
 from omg.errors import CheckpointError, OptionError
-from omg.model import SDXL
 from omg.sampling import NoiseSchedule, apply_guidance, run_sampler
-from omg.vae import VAEConfig
 
 from test_control_omg import random_controlnet
 from test_controlnet import diffusers_controlnet_config, to_diffusers
 from test_ip_adapter import random_adapter
-from test_pipeline import kohya_lora
+from test_pipeline import kohya_lora, tiny_model
 
 H, W = 64, 96
 STEPS, BLEND = 5, 3
@@ -29,7 +27,7 @@ SIZE_EMBED = 4
 
 @pytest.fixture(scope="module")
 def model():
-    return SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")

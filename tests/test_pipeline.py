@@ -23,9 +23,14 @@ STEPS, BLEND = 5, 3
 PROMPT = "a man and a woman in a park"
 
 
+def tiny_model(**kw) -> SDXL:
+    """The tiny random SDXL of the pipeline tests (a 4-level f=8 VAE, so images are 8x the latent)."""
+    return SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5, **kw)
+
+
 @pytest.fixture(scope="module")
 def model():
-    return SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+    return tiny_model()
 
 
 def kohya_lora(model, path, seed, rank=4, te=True):

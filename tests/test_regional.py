@@ -12,11 +12,10 @@ from safetensors.torch import save_file
 import omg
 from omg.errors import SamplingError
 from omg.lora import merged_lora, text_encoder_lora
-from omg.model import SDXL
 from omg.regional import RegionalCrossAttention, layer_grids, regional_sample, regional_sample_latents
 from omg.txt2img import sample_latents
 from omg.unet import Attention
-from omg.vae import VAEConfig
+from test_pipeline import tiny_model
 
 H, W = 64, 96  # latent 8 x 12
 STEPS = 3
@@ -27,7 +26,7 @@ TOL = 1e-5  # relative to the largest magnitude compared (latents reach ~10)
 
 @pytest.fixture(scope="module")
 def model():
-    return SDXL.random(vae_config=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), norm_groups=8), seed=5)
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
