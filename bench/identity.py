@@ -374,7 +374,7 @@ def train_classifier(cfg: ClassifierConfig, vae=None, log=print) -> tuple[Identi
     x, y, y_colour = x.to(device), y.to(device), y_colour.to(device)
     # half-way to balanced classes (square root of the inverse frequency): background windows outnumber every
     # object label, but their errors are the costly ones (scores take a maximum over windows)
-    weight = (counts.sum() / counts.clamp(min=1).float() / len(LABELS)).sqrt().clamp(max=4)
+    weight = (counts.sum() / counts.clamp(min=1).float() / len(LABELS)).sqrt().clamp(max=4).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps = cfg.epochs * ((len(x) + cfg.batch - 1) // cfg.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps)
@@ -391,7 +391,7 @@ def train_classifier(cfg: ClassifierConfig, vae=None, log=print) -> tuple[Identi
             gain = 1 + 0.1 * (torch.rand(len(xb), 1, 1, 1, generator=gen).to(device) - 0.5)  # brightness +-5 %
             xb = ((xb + 1) * gain - 1).clamp(-1, 1)
             logits, colour_logits = net.both(xb)
-            loss = (F.cross_entropy(logits, y[idx], weight=weight.to(device))
+            loss = (F.cross_entropy(logits, y[idx], weight=weight)
                     + 0.5 * F.cross_entropy(colour_logits, y_colour[idx], ignore_index=NO_COLOUR))
             opt.zero_grad()
             loss.backward()

@@ -169,30 +169,26 @@ def check_spec(spec: Any, path: str) -> dict:
     return spec
 
 
-# list options whose entries hold paths: (option, its parser, the path fields)
-ENTRY_PATH_KEYS = (("control", "omg.control.Control", ("image", "model")),
-                   ("style_lora", "omg.style.StyleLora", ("lora",)))
+def entry_path_keys() -> tuple:
+    """The list options whose entries hold paths: (option, its entry type, the entry's path fields)."""
+    from omg.control import Control
+    from omg.style import StyleLora
 
-
-def _entry_kind(dotted: str) -> Any:
-    import importlib
-
-    module, name = dotted.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
+    return (("control", Control, ("image", "model")), ("style_lora", StyleLora, ("lora",)))
 
 
 def _resolve_entry_paths(path: str, spec: dict, base: str) -> None:
     """Control images, ControlNets and style LoRAs named in a spec are relative to it, as concept LoRAs are."""
     from omg.errors import OptionError
 
-    for key, dotted, fields in ENTRY_PATH_KEYS:
+    for key, kind, fields in entry_path_keys():
         entries = spec.get(key)
         if entries is None:
             continue
         resolved = []
         for i, entry in enumerate(entries if isinstance(entries, list) else [entries]):
             try:
-                described = _entry_kind(dotted).parse(entry).describe()
+                described = kind.parse(entry).describe()
             except OptionError as e:
                 raise SpecError(f"{path}: {key}[{i}]: {e}") from None
             resolved.append({**described, **{f: resolve_path(described[f], base) for f in fields}})
@@ -269,7 +265,7 @@ def run_record(prompt: str, concepts: list[dict], checkpoint: Optional[str], dev
     for key in ("face_adapter", "identitynet", "face_models"):
         if key in record:
             record[key] = portable_path(record[key], folder) if isinstance(record[key], str) else None
-    for key, _, fields in ENTRY_PATH_KEYS:  # Control / StyleLora objects as their fields, paths made portable
+    for key, _, fields in entry_path_keys():  # Control / StyleLora objects as their fields, paths made portable
         record[key] = [{**d, **{f: portable_path(d[f], folder) for f in fields}}
                        for d in (entry.describe() for entry in getattr(options, key))]
     record.update(num_images=1, seeds=None)  # each image records its own seed
