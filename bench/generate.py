@@ -17,6 +17,7 @@ import argparse
 import gc
 import math
 import os
+import time
 from typing import Optional
 
 import torch
@@ -143,9 +144,14 @@ def main() -> None:
     parser.add_argument("--name", default="omg", help="JSON name: bench/results/<name>_<gpu>.json")
     args = parser.parse_args()
     model = random_sdxl(DTYPES[args.dtype])
+    start = time.perf_counter()
     loras = [load_lora(kohya_lora(model.unet, 64, locon=False, seed=i + 1), device="cuda")
              for i in range(max(args.concepts + [args.store_k]))]
-    run(model, loras, 1, "recompute", args)  # warm-up
+    torch.cuda.synchronize()
+    lora_seconds = (time.perf_counter() - start) / len(loras)
+    # cold: the process's first image (kernel autotuning, CUDA graph recording, the first LoRA binding); every
+    # row after it is warm (the steady state of repeated renders)
+    cold = run(model, loras, args.store_k, "recompute", args)
     latents: dict = {}
     rows = [run(model, loras, k, "recompute", args, keep=latents) for k in args.concepts]  # the defaults
     rows += [run(model, loras, k, "recompute", args, graphs=False, keep=latents) for k in args.eager_k]
@@ -182,6 +188,10 @@ def main() -> None:
         summary[f"k{k}_crop{margin}_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
         for where, sel in (("outside", ~inside), ("inside", inside)):
             summary[f"k{k}_crop{margin}_latent_psnr_{where}_db"] = latent_psnr(cropped[..., sel], exact[..., sel])
+    summary[f"k{args.store_k}_cold_s"] = cold["seconds"]
+    summary["lora_make_and_load_s_per_concept"] = round(lora_seconds, 3)
+    if args.store_k in by_k:
+        summary[f"k{args.store_k}_warm_s"] = by_k[args.store_k]["seconds"]
     if 1 in by_k and 5 in by_k:
         summary["time_k5_over_k1"] = round(by_k[5]["seconds"] / by_k[1]["seconds"], 3)
     touched = sum(model.unet.get_parameter(name).numel() * model.unet.get_parameter(name).element_size()
@@ -205,7 +215,8 @@ def main() -> None:
     print(summary)
     note = ("random weights; user boxes as masks; PyTorch eager kernels, each repeated UNet call replayed as a CUDA "
             "graph where cuda_graphs is true")
-    path = write_json(args.name, {**extra, "steps": args.steps, "blend_steps": args.blend_steps, "dtype": args.dtype,
+    path = write_json(args.name, {**extra, "cold": cold, "steps": args.steps, "blend_steps": args.blend_steps,
+                                  "dtype": args.dtype,
                                   "resolution": 1024, "lora_rank": 64, "rows": rows, "summary": summary, "note": note})
     print("wrote", path, "on", device_name())
 

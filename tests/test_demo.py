@@ -408,6 +408,30 @@ def test_lora_stage_alone_keeps_the_checkpoint(tiny_world, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["bnha_box.safetensors", "demo_sdxl.safetensors", "train_log.json"]
 
 
+def test_lora_training_drops_captions_to_the_zero_embedding(tiny_world, tmp_path, monkeypatch):
+    # the LoRA also changes the unconditional branch that guidance amplifies: it must train on it, as the base did
+    from demo import train
+
+    seen = []
+    forward = train.GroundedUNet.forward
+
+    def spy(self, x, t, context, y, *rest):
+        seen.append((context.detach().clone(), y.detach().clone()))
+        return forward(self, x, t, context, y, *rest)
+
+    monkeypatch.setattr(train.GroundedUNet, "forward", spy)
+    out, summary = tiny_world
+    train.main(["--tiny", "--device", "cpu", "--init", summary["checkpoint"], "--stages", "lora", "--concepts",
+                "bnha_box", "--lora-steps", "4", "--lora-drop", "0.5", "--out", str(tmp_path)])
+    context = torch.cat([c for c, _ in seen])
+    y = torch.cat([v for _, v in seen])
+    dropped = context.flatten(1).abs().amax(1) == 0
+    assert 0 < int(dropped.sum()) < len(dropped)
+    size_part = y.shape[1] - 6 * train.SIZE_EMBED
+    assert (y[dropped, :size_part] == 0).all() and (y[~dropped, :size_part] != 0).any(1).all()
+    assert torch.equal(y[dropped, size_part:], y[~dropped, size_part:][:1].expand(int(dropped.sum()), -1))
+
+
 def test_stages_and_init_are_checked():
     from demo.train import parse_args
 

@@ -389,7 +389,10 @@ def test_quality_main_end_to_end(tiny_world, classifier_cache, tmp_path):
 
     weights, _ = tiny_world
     result = quality.main(["--weights", str(weights), "--seeds", "2", "--steps", "2", "--pairs", "sks_ball+ohwx_ball",
-                           "--device", "cpu", "--out", str(tmp_path), "--cache", str(classifier_cache)])
+                           "--device", "cpu", "--out", str(tmp_path), "--cache", str(classifier_cache),
+                           "--strips", str(tmp_path / "strips")])
+    # one strip, named in letters, digits and '_' (the device tool and some file systems refuse '+')
+    assert os.listdir(tmp_path / "strips") == ["quality_sks_ball_ohwx_ball.png"]
     files = glob.glob(str(tmp_path / "quality_*.json"))
     assert len(files) == 1
     with open(files[0]) as f:
@@ -418,3 +421,24 @@ def test_quality_main_end_to_end(tiny_world, classifier_cache, tmp_path):
     omg_ids = [r["methods"]["omg"][k]["identity"] for r in records for k in PAIR]
     assert c["omg_identity"] == pytest.approx(np.mean(omg_ids), abs=1e-4)
     assert {"omg_minus_simultaneous", "omg_minus_regional", "omg_minus_no_replay", "omg_minus_base"} <= c.keys()
+
+
+def test_fast_modes_compare_the_crop_mode_with_omg_on_the_same_seeds():
+    from bench.quality import fast_modes
+
+    def record(seed, omg_ids, crop_ids, psnr):
+        pair = ("sks_ball", "bnha_box")
+        methods = {m: {c: {"identity": v} for c, v in zip(pair, ids)} for m, ids in (("omg", omg_ids),
+                                                                                   ("omg_crop", crop_ids))}
+        return {"pair": "+".join(pair), "seed": seed, "methods": methods,
+                "layout": {"crop_outside_psnr_vs_omg": psnr}}
+
+    records = [record(0, (0.9, 0.8), (0.8, 0.8), 40.0), record(1, (1.0, 0.6), (1.0, 0.5), None),
+               record(2, (0.7, 0.7), (0.7, 0.7), 50.0)]
+    out = fast_modes(records)
+    assert out["n_images"] == 3
+    mean, (lo, hi) = out["omg_crop_minus_omg_identity"]
+    assert mean == pytest.approx(-0.2 / 6, abs=1e-4) and lo <= mean <= hi <= 0
+    assert out["omg_crop_outside_psnr_vs_omg_db"]["mean"] == 45.0  # records without outside pixels are left out
+    assert out["omg_crop_outside_psnr_vs_omg_db"]["min"] == 40.0
+    assert fast_modes([{k: v for k, v in r.items()} | {"methods": {"omg": r["methods"]["omg"]}} for r in records]) == {}
