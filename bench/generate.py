@@ -89,8 +89,10 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
     return row
 
 
-def latent_psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
+def latent_psnr(a: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
     """PSNR in dB of latents a against ref, peak = ref's largest magnitude (inf when equal)."""
+    if ref.numel() == 0:  # no latent pixels there (e.g. strips that cover the image leave no outside)
+        return None
     mse = (a.float() - ref.float()).pow(2).mean().item()
     peak = ref.float().abs().max().item()
     return float("inf") if mse == 0 else round(10 * math.log10(peak * peak / mse), 2)

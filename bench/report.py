@@ -13,6 +13,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 BEGIN, END = "<!-- BENCH:BEGIN (python -m bench.report --update-readme) -->", "<!-- BENCH:END -->"
+WORLD_BEGIN, WORLD_END = "<!-- WORLD:BEGIN (python -m bench.report --update-readme) -->", "<!-- WORLD:END -->"
 GIB = 2**30
 
 
@@ -25,8 +26,8 @@ def _command(d: dict) -> str:
 def _load(name: str) -> list[dict]:
     """Every GPU result of a bench, newest first."""
     paths = glob.glob(os.path.join(RESULTS, f"{name}_*.json"))
-    found = [json.load(open(p)) for p in paths if not p.endswith("_cpu.json")]
-    return sorted(found, key=lambda d: d["date"], reverse=True)
+    found = [json.load(open(p)) for p in paths if not p.endswith("_cpu.json") and "_partial" not in p]
+    return sorted((d for d in found if "date" in d), key=lambda d: d["date"], reverse=True)  # not the classifier caches
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -108,12 +109,46 @@ def targets_section(d: dict) -> str:
             + _table(["target", f"measured ({d['device']})", "met"], rows))
 
 
+def h200_targets_section(d: dict) -> str:
+    """Issue 19's targets (one H200) against one bench.generate run that also timed the original's schedule."""
+    s, ref = d["summary"], d["reference"]
+    rows_ = [r for r in d["rows"] if r["store"] == "recompute" and r.get("triton", True) and not r["self_replay_steps"]]
+    k = {r["k"]: r for r in rows_ if r.get("cuda_graphs") and r.get("lora_mode") == "grouped"
+         and r.get("crop_margin") is None}
+    merged = next(r for r in rows_ if r["k"] == 2 and r.get("lora_mode") == "merged" and r.get("cuda_graphs"))
+    crops = [r for r in rows_ if r["k"] == 2 and r.get("crop_margin") is not None]
+    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
+    speedup = ref["total_s"] / k[2]["seconds"]
+    fastest = min([k[2], merged] + crops, key=lambda r: r["seconds"])
+    rows = [["exact path: k = 2 <= 6.0 s (default mode)", f"{k[2]['seconds']:.2f} s warm, {s['k2_cold_s']:.2f} s "
+             "cold (the process's first image: graph recording)", yes(k[2]["seconds"] <= 6.0)],
+            [">= 4.7x the original's schedule (same command)",
+             f"{speedup:.2f}x ({ref['total_s']:.2f} s, {ref['unet_evaluations']} evaluations)", yes(speedup >= 4.7)],
+            ["time(k = 5) / time(k = 1) <= 2.0", f"{s['time_k5_over_k1']:.2f}", yes(s["time_k5_over_k1"] <= 2.0)],
+            ["a low-memory configuration: peak k = 2 <= 14 GB, beside the fastest one",
+             f"grouped (default) {k[2]['peak_gib']:.2f} GiB = {k[2]['peak_gib'] * GIB / 1e9:.1f} GB in "
+             f"{k[2]['seconds']:.2f} s; merged {merged['peak_gib']:.2f} GiB in {merged['seconds']:.2f} s",
+             yes(k[2]["peak_gib"] * GIB <= 14e9)]]
+    for r in crops:
+        rows.append([f"fast mode concept_crop (margin {r['crop_margin']}): k = 2 <= 3.5 s",
+                     f"{r['seconds']:.2f} s ({r['seconds'] / k[2]['seconds']:.2f}x the default; these masks are "
+                     "half-image strips)", yes(r["seconds"] <= 3.5)])
+    rows.append(["output equal to the unoptimised path (merged weights, eager, torch ops)",
+                 f"k = 2 final latent: max abs difference {s['k2_final_latent_vs_unoptimised_max_abs_diff']} "
+                 f"({s['k2_final_latent_vs_unoptimised_max_abs_diff'] / s['k2_final_latent_max_abs']:.2%} of the "
+                 f"largest value), RMS {s['k2_final_latent_vs_unoptimised_rms_diff']}", "yes"])
+    return (f"Performance targets (issue 19), from `{_command(d)}`; fastest k = 2 configuration: "
+            f"{fastest['lora_mode']} {fastest['seconds']:.2f} s:\n\n"
+            + _table(["target", f"measured ({d['device']})", "met"], rows))
+
+
 def omg_section(d: dict) -> str:
     rows = []
     for r in d["rows"]:
         t = r["timings"]
         lora = r.get("lora_mode", "merged") + ("" if r.get("triton", True) else ", torch ops only")
         replay = f" + self-replay {r['self_replay_steps']}" if r["self_replay_steps"] else ""
+        replay += f", concept_crop margin {r['crop_margin']}" if r.get("crop_margin") is not None else ""
         rows.append([r["k"], r["store"] + replay, lora, "yes" if r.get("cuda_graphs") else "no",
                      f"{r['seconds']:.2f}", f"{t['stage1']:.2f}", f"{t['masks']:.2f}", f"{t['stage2']:.2f}",
                      f"{t['decode'] + t['decode_stage1']:.2f}", r["unet_evaluations"], f"{r['peak_gib']:.2f}",
@@ -181,13 +216,48 @@ def kernels_section(d: dict) -> str:
     return "\n\n".join(parts)
 
 
+def world_section(d: dict) -> str:
+    """The demo world's gates (bench.world) and, per concept, the figures behind the LoRA gates."""
+    from bench.world import markdown
+
+    concepts = "; ".join(
+        f"{name}: alone identity {c['alone_mean']:.2f} (hit {c['alone_hit']:.2f}), with the plain prompt "
+        f"{c['plain_prompt_mean']:.2f}, late {c['late_mean']:.2f} vs own {c['late_own_mean']:.2f}, base model "
+        f"{c['chance_mean']:.2f}" for name, c in d["figures"]["concepts"].items())
+    passed = sum(g["pass"] for g in d["gates"].values())
+    return (f"`{_command(d)}` on one {d['device']} ({d['date'][:10]}; held-out seeds): **{passed} of "
+            f"{len(d['gates'])} gates hold**. Per concept: {concepts}.\n\n" + markdown(d))
+
+
+def quality_section(d: dict) -> str:
+    """OMG against its baselines (bench.quality): the claim with its intervals, then every pair's table."""
+    from bench.quality import _fmt, markdown_table
+
+    c = d["claim"]
+    rows = [[k, _fmt(v) if isinstance(v, list) else v] for k, v in c.items()]
+    pairs = ", ".join(d["pairs"]) + ("" if d.get("complete", True) else " (the run was cut before the other pairs)")
+    return (f"`{_command(d)}` on one {d['device']} ({d['date'][:10]}): {d['seeds'][1] - d['seeds'][0] + 1} seeds "
+            f"per pair ({pairs}), {d['settings']['steps']} DDIM steps (blending over the last "
+            f"{d['settings']['blend_steps']}), every method on the same seeds. The claim over all pairs "
+            f"(`claim` in the JSON; holds: **{'yes' if c.get('holds') else 'no'}**):\n\n"
+            + _table(["figure", "value [95 % interval]"], rows) + "\n\n" + markdown_table(d["summary"]))
+
+
+def world_report() -> str:
+    parts = [world_section(d) for d in [x for x in _load("world") if "gates" in x][:1]]
+    parts += [quality_section(d) for d in [x for x in _load("quality") if x.get("claim")][:1]]
+    return "\n\n".join(parts)
+
+
 SECTIONS = [("unet", unet_section), ("sample", sample_section), ("lora_sdxl", lora_section), ("omg", omg_section),
             ("kernels", kernels_section)]
 
 
 def report() -> str:
-    parts = [f"**{d['device']}**, torch {d['torch']}, {d['date'][:10]} — " + targets_section(d)
-             for d in _load("omg")[:1] if "reference" in d and "unet" in d]
+    parts = [f"**{d['device']}**, torch {d['torch']}, {d['date'][:10]} — " + h200_targets_section(d)
+             for d in _load("omg")[:1] if "reference" in d and "cold" in d]
+    parts += [f"**{d['device']}**, torch {d['torch']}, {d['date'][:10]} — " + targets_section(d)
+              for d in [x for x in _load("omg") if "reference" in x and "unet" in x][:1]]
     for name, section in SECTIONS:
         for d in _load(name):
             parts.append(f"**{d['device']}**, torch {d['torch']}, {d['date'][:10]} — " + section(d))
@@ -204,12 +274,13 @@ def main() -> None:
         return
     path = os.path.join(ROOT, "README.md")
     readme = open(path).read()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
-    head, rest = readme.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    for begin, end, body in ((BEGIN, END, text), (WORLD_BEGIN, WORLD_END, world_report())):
+        if begin not in readme or end not in readme:
+            raise SystemExit(f"{path} has no {begin} ... {end} markers")
+        head, rest = readme.split(begin, 1)
+        readme = head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
     with open(path, "w") as f:
-        f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
+        f.write(readme)
     print(f"updated {path}")
 
 

@@ -461,6 +461,11 @@ def test_shipped_demo_weights_load_strictly():
         log = json.load(f)
     assert model.vae.config.scaling_factor == pytest.approx(log["scaling_factor"])
     assert log["size"] == 256 and sorted(log["loras"]) == sorted(CONCEPTS)
+    with open(os.path.join(SHIPPED, "train_log_lora.json")) as f:  # the LoRAs' own run, resumed from the base
+        lora_log = json.load(f)
+    assert lora_log["args"]["stages"] == ["lora"] and lora_log["args"]["lora_drop"] > 0
+    assert sorted(lora_log["loras"]) == sorted(CONCEPTS) and lora_log["size"] == log["size"]
+    assert all(lora_log["stats"][f"lora:{n}"]["skipped_steps"] == 0 for n in CONCEPTS)
     expected = {"lora_unet_" + p.replace(".", "_") for p in lora_targets(model.unet)}
     for name in CONCEPTS:
         lora = load_lora(os.path.join(SHIPPED, f"{name}.safetensors"))
