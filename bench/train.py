@@ -114,7 +114,7 @@ def main() -> None:
     if args.compile:
         t0 = time.perf_counter()
         cstats = train.train_unet(model, data, trainer, args.steps, args.batch, 1e-4, 1e-4, 0.3, size, float("inf"),
-                                  compile=True)
+                                  compile_step=True)
         compiled = {"steps_per_s": cstats["steps_per_s"], "mode": cstats["mode"], "skipped_steps":
                     cstats["skipped_steps"], "seconds_with_compile": time.perf_counter() - t0}
         print(f"compiled:     {compiled['steps_per_s']:8.2f} steps/s at batch {args.batch} "

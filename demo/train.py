@@ -449,8 +449,9 @@ def diffusion_inputs(trainer: Trainer, latents: Tensor, ac: Tensor) -> tuple[Ten
 
 
 def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batch: int, lr: float, text_lr: float,
-               grounding_weight: float, size: int, deadline: float, drop: float = 0.1, compile: bool = False) -> dict:
-    """UNet + text encoders, eps-prediction + grounding loss; EMA weights are what is kept. compile: the step's
+               grounding_weight: float, size: int, deadline: float, drop: float = 0.1,
+               compile_step: bool = False) -> dict:
+    """UNet + text encoders, eps-prediction + grounding loss; EMA weights are what is kept. compile_step: the step's
     forward and backward through torch.compile (inductor) inside the CUDA graph."""
     unet, text, device = model.unet, model.text, trainer.device
     unet.train().requires_grad_(True)
@@ -464,7 +465,7 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
     ema = EMA(params, decay=0.999)
     ac = NoiseSchedule.sdxl().alphas_cumprod.to(device, torch.float32)
     whole = TextAndUNet(text, net, size, device)
-    mode, call = _compile_step(net, whole, trainer, data, batch, drop, ac, compile)
+    mode, call = _compile_step(net, whole, trainer, data, batch, drop, ac, compile_step)
     trainer.say(f"unet stage runs as {mode}")
     guard = StepGuard("unet", call, mode, lambda: _eager_step(whole, trainer, data, batch, drop, ac), trainer)
 
@@ -519,9 +520,9 @@ def _draw(trainer: Trainer, data: DeviceData, batch: int, drop: float, ac: Tenso
 
 
 def _compile_step(net: GroundedUNet, whole: TextAndUNet, trainer: Trainer, data: DeviceData, batch: int,
-                  drop: float, ac: Tensor, compile: bool = False) -> tuple[str, Callable[[], tuple]]:
+                  drop: float, ac: Tensor, compile_step: bool = False) -> tuple[str, Callable[[], tuple]]:
     """call() -> (eps, grounding loss, noise) for a fresh batch, as fast as this device allows: text encoders and
-    UNet in one CUDA graph, else the UNet alone as a graph, else eagerly. compile: the graph records inductor's
+    UNet in one CUDA graph, else the UNet alone as a graph, else eagerly. compile_step: the graph records inductor's
     kernels (a small model at a 32 x 32 latent is bound by its ~4500 kernels a step, which inductor fuses)."""
 
     def text_inputs(b: tuple) -> tuple:
@@ -531,12 +532,12 @@ def _compile_step(net: GroundedUNet, whole: TextAndUNet, trainer: Trainer, data:
 
     if trainer.device.type == "cuda":
         b = _draw(trainer, data, batch, drop, ac)
-        graph = graphed(torch.compile(whole, dynamic=False) if compile else whole, b[:7] + b[7], trainer.say)
+        graph = graphed(torch.compile(whole, dynamic=False) if compile_step else whole, b[:7] + b[7], trainer.say)
         if graph is not None:
             def call_whole() -> tuple:
                 b = _draw(trainer, data, batch, drop, ac)
                 return (*graph(*b[:7], *b[7]), b[8])
-            return "graph: text encoders + UNet" + (" (compiled)" if compile else ""), call_whole
+            return "graph: text encoders + UNet" + (" (compiled)" if compile_step else ""), call_whole
         graph = graphed(net, (b[3], b[4], *text_inputs(b), b[5], b[6], *b[7]), trainer.say)
         if graph is not None:
             def call_unet() -> tuple:
@@ -813,7 +814,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         data = DeviceData(latents[finite.to(latents.device)], [scenes[i] for i in keep], grids, device)
         reserve = 0.25 * (deadline - t0) if "lora" in args.stages else 0.0  # what the LoRAs keep of the budget
         stats["unet"] = train_unet(model, data, trainer, unet_steps, batch, args.lr, args.text_lr, args.grounding,
-                                   size, deadline - reserve, compile=args.compile)
+                                   size, deadline - reserve, compile_step=args.compile)
         stage_seconds["unet"] = time.monotonic() - t_stage
 
     os.makedirs(args.out, exist_ok=True)
