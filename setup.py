@@ -41,6 +41,13 @@ setup(
             "segment-anything==1.0",
             "safetensors==0.8.0",
             "ruff==0.17.6",  # `ruff check .` in .ci/run (config: ruff.toml)
+            # face detection through the real insightface (tests/test_faces_insightface.py, constructed models)
+            "insightface==2.1",
+            "onnx==1.23.2",
+            "onnxruntime==1.32.0",
+            "opencv-python==4.11.0.86",  # insightface's cv2; the last release for numpy 1.x, which dctorch needs
+            "scipy==1.17.1",  # insightface's, unpinned there
+            "scikit-image==0.26.0",  # insightface's face alignment (SimilarityTransform)
         ],
     },
     entry_points={"console_scripts": ["omg=omg.cli:main"]},

@@ -120,8 +120,8 @@ _ANALYSERS: dict[str, Any] = {}
 
 
 def face_analysis(face_models: Optional[str]) -> Any:
-    """insightface's FaceAnalysis over the antelopev2 ONNX models in folder `face_models` (CPU unless onnxruntime
-    has CUDA); a FaceError saying what is missing otherwise."""
+    """insightface's FaceAnalysis over the antelopev2 ONNX models in folder `face_models` (CUDA where onnxruntime
+    has it, else CPU); a FaceError saying what is missing otherwise."""
     if face_models is None:
         raise FaceError("a face photo needs face_models: the folder of insightface's antelopev2 ONNX models (or give "
                         "a precomputed face: a .safetensors with 'embedding' and 'keypoints', or a .npy)")
@@ -131,17 +131,29 @@ def face_analysis(face_models: Optional[str]) -> Any:
     if folder in _ANALYSERS:
         return _ANALYSERS[folder]
     try:
+        import onnxruntime
         from insightface.app import FaceAnalysis
     except ImportError as e:
         raise FaceError("face detection needs insightface and onnxruntime (pip install insightface onnxruntime); "
                         f"import failed with: {e}. Or give a precomputed face (.safetensors/.npy)") from e
-    # insightface looks for root/models/name: the user's folder is that last part
-    name, root = os.path.basename(folder), os.path.dirname(os.path.dirname(folder))
-    if os.path.basename(os.path.dirname(folder)) != "models":
-        raise FaceError(f"face_models: insightface needs the models at ROOT/models/NAME; put {folder} under a "
-                        f"'models' folder (e.g. checkpoints/models/antelopev2)")
-    app = FaceAnalysis(name=name, root=root, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-                       allowed_modules=["detection", "recognition"])
+    # Only providers this onnxruntime has: asking for CUDA on a CPU build warns once per model.
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                 if p in onnxruntime.get_available_providers()] or None
+    try:
+        # The folder itself as the name: insightface 0.7.3 looks for root/models/name, which os.path.join turns
+        # into the folder when name is absolute; 2.x takes a name that is a folder as it is, but a relative name
+        # ("antelopev2") it first looks up in the working directory, where another ./antelopev2 would win.
+        app = FaceAnalysis(name=folder, root=os.path.dirname(folder), providers=providers,
+                           allowed_modules=["detection", "recognition"])
+    except Exception as e:
+        if isinstance(e, AssertionError) and not str(e):  # FaceAnalysis's bare `assert "detection" in self.models`
+            raise FaceError(f"face_models: no face detector among the .onnx files of {folder} (antelopev2 has "
+                            f"scrfd_10g_bnkps.onnx)") from e
+        # onnxruntime refusing a file: truncated, not ONNX, an unsupported opset
+        raise FaceError(f"face_models: insightface cannot load the models in {folder}: {e}") from e
+    if "recognition" not in app.models:  # without it, faces would come back with no embedding
+        raise FaceError(f"face_models: no face recognition model among the .onnx files of {folder} (antelopev2 "
+                        f"has glintr100.onnx)")
     app.prepare(ctx_id=0, det_size=(640, 640))
     _ANALYSERS[folder] = app
     return app

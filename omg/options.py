@@ -96,8 +96,8 @@ class OMGOptions:
     identitynet: Union[str, "ControlNet", None] = _option(
         None, "InstantID's IdentityNet: its ControlNetModel folder (diffusers layout) or file")
     face_models: Optional[str] = _option(None, "folder of insightface's antelopev2 ONNX models "
-                                               "(ROOT/models/antelopev2) to detect faces in photos; not needed "
-                                               "for precomputed faces")
+                                               "(e.g. checkpoints/models/antelopev2) to detect faces in photos; "
+                                               "not needed for precomputed faces")
     ip_adapter_scale: float = _option(0.8, "scale of the face tokens' decoupled cross-attention (InstantID's "
                                            "ip_adapter_scale)", parse=float)
     identitynet_scale: float = _option(0.8, "IdentityNet's conditioning scale", parse=float)

@@ -1,6 +1,7 @@
 """InstantID concepts in OMG on a small random SDXL (CPU, fp32): IdentityNet against diffusers' ControlNetModel
 attending to the face tokens, the keypoint drawing against InstantID's convention, the method's invariants with face
 concepts, and bad inputs rejected before sampling."""
+import sys
 import warnings
 
 import numpy as np
@@ -182,6 +183,8 @@ def test_bad_face_inputs_are_rejected_before_sampling(model, parts, tmp_path, mo
         run(model, parts, [omg.Concept("man", "a man", face=str(tmp_path / "photo.png"))])
     (tmp_path / "models" / "antelopev2").mkdir(parents=True)
     (tmp_path / "models" / "antelopev2" / "scrfd_10g_bnkps.onnx").write_bytes(b"")
+    # as without insightface, which the test extra installs (tests/test_faces_insightface.py runs it)
+    monkeypatch.setitem(sys.modules, "insightface.app", None)
     with pytest.raises(facelib.FaceError, match="needs insightface and onnxruntime"):
         run(model, parts, [omg.Concept("man", "a man", face=str(tmp_path / "photo.png"))],
             face_models=str(tmp_path / "models" / "antelopev2"))
