@@ -62,8 +62,8 @@ def run(model, loras, args, control: list, control_concepts: bool, label: str) -
                 **timed)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the k-concept cost benches (this one and bench.instantid)."""
     parser.add_argument("--k", type=int, default=2, help="concepts")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--blend-steps", type=int, default=35)
@@ -71,21 +71,43 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="a tiny random SDXL on the CPU at 64x96, 4 steps")
     parser.add_argument("--out", default=None, help="folder for the JSON (default bench/results; a copy goes to $OUT "
                                                     "when set)")
-    args = parser.parse_args(argv)
+
+
+def random_setting(args) -> tuple:
+    """(model, device, dtype, a random ControlNet, k kohya LoRAs): full-size SDXL on CUDA at 1024x1024 with rank-64
+    LoRAs, or with --tiny the tiny SDXL on the CPU at 64x96, 4 steps, rank 4 (args' size and steps set here)."""
+    from bench.lora import kohya_lora
+
     if args.tiny:
-        from bench.lora import kohya_lora
         args.height, args.width, args.steps, args.blend_steps = 64, 96, 4, 2
-        model = tiny_sdxl()
-        controlnet = random_controlnet(ControlNetConfig.tiny(model.unet.config), "cpu", torch.float32)
-        loras = [load_lora(kohya_lora(model.unet, 4, locon=False, seed=i + 1)) for i in range(args.k)]
+        model, device, dtype, rank = tiny_sdxl(), "cpu", torch.float32, 4
+        controlnet = random_controlnet(ControlNetConfig.tiny(model.unet.config), device, dtype)
     else:
         from bench.generate import random_sdxl
-        from bench.lora import kohya_lora
+
         args.height = args.width = 1024
-        dtype = DTYPES[args.dtype]
+        device, dtype, rank = "cuda", DTYPES[args.dtype], 64
         model = random_sdxl(dtype)
-        controlnet = random_controlnet(ControlNetConfig.sdxl(), "cuda", dtype)
-        loras = [load_lora(kohya_lora(model.unet, 64, locon=False, seed=i + 1), device="cuda") for i in range(args.k)]
+        controlnet = random_controlnet(ControlNetConfig.sdxl(), device, dtype)
+    loras = [load_lora(kohya_lora(model.unet, rank, locon=False, seed=i + 1), device=device) for i in range(args.k)]
+    return model, device, dtype, controlnet, loras
+
+
+def write_result(name: str, args, rows: list, summary: dict, note: str, **fields) -> dict:
+    """The bench's JSON (<name>_tiny for --tiny): its settings, `fields`, the rows, the summary and the note."""
+    out = {"steps": args.steps, "blend_steps": args.blend_steps, "k": args.k,
+           "dtype": "fp32" if args.tiny else args.dtype, "resolution": [args.height, args.width], **fields,
+           "rows": rows, "summary": summary, "note": note}
+    path = write_json(f"{name}_tiny" if args.tiny else name, out, args.out)
+    print("wrote", path)
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    model, _, _, controlnet, loras = random_setting(args)
     control = [Control(pose_image(args.height, args.width), controlnet, scale=0.8)]
     run(model, loras, args, control, False, "warm-up (ControlNet)")
     rows = [run(model, loras, args, [], False, "no ControlNet"),
@@ -108,16 +130,13 @@ def main(argv=None) -> dict:
     if none["peak_gib"] is not None:
         summary["peak_added_gib"] = round(base["peak_gib"] - none["peak_gib"], 2)
     print("summary:", summary, flush=True)
-    out = {"steps": args.steps, "blend_steps": args.blend_steps, "k": args.k,
-           "dtype": "fp32" if args.tiny else args.dtype, "resolution": [args.height, args.width],
-           "controlnet": "random SDXL ControlNet (ControlNetConfig.sdxl(), 1.25 G parameters)" if not args.tiny
-           else "tiny", "rows": rows, "summary": summary,
-           "note": "random weights; each concept a user box; stage 2 grouped (one UNet call a step), CUDA graphs; "
-                   "the ControlNet runs once per model call over the base rows (stage 2: uncond, stage-1 source, "
-                   "cond), and over every row with control_concepts"}
-    path = write_json("controlnet_tiny" if args.tiny else "controlnet", out, args.out)
-    print("wrote", path)
-    return out
+    return write_result(
+        "controlnet", args, rows, summary,
+        "random weights; each concept a user box; stage 2 grouped (one UNet call a step), CUDA graphs; the ControlNet "
+        "runs once per model call over the base rows (stage 2: uncond, stage-1 source, cond), and over every row "
+        "with control_concepts",
+        controlnet="random SDXL ControlNet (ControlNetConfig.sdxl(), 1.25 G parameters)" if not args.tiny
+        else "tiny")
 
 
 if __name__ == "__main__":

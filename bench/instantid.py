@@ -16,13 +16,12 @@ import argparse
 
 import torch
 
-from bench.common import DTYPES, random_on_device, timed_generate, tiny_sdxl, write_json
-from bench.controlnet import CLASSES, PROMPT, boxes, random_controlnet
-from omg.controlnet import ControlNetConfig
+from bench.common import random_on_device, timed_generate
+from bench.controlnet import CLASSES, PROMPT, add_arguments, boxes, random_setting, write_result
 from omg.faces import CANONICAL_KEYPOINTS, Face
 from omg.ip_adapter import IPAdapter, ResamplerConfig
-from omg.lora import load_lora
 from omg.pipeline import Concept
+
 
 def random_adapter(unet_config, device: str, dtype: torch.dtype, resampler: ResamplerConfig) -> IPAdapter:
     """N(0, 0.02) weights and biases, identity norms, built directly on the device."""
@@ -49,32 +48,13 @@ def run(model, args, kinds: list[str], loras, extra: dict, label: str) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k", type=int, default=2, help="concepts")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--blend-steps", type=int, default=35)
-    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    add_arguments(parser)
     parser.add_argument("--cuda-graphs", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="a tiny random SDXL on the CPU at 64x96, 4 steps")
-    parser.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     args = parser.parse_args(argv)
-    from bench.lora import kohya_lora
-    if args.tiny:
-        args.height, args.width, args.steps, args.blend_steps = 64, 96, 4, 2
-        model = tiny_sdxl()
-        device, dtype = "cpu", torch.float32
-        net = random_controlnet(ControlNetConfig.tiny(model.unet.config), device, dtype)
-        resampler = ResamplerConfig(dim=128, heads=2, output_dim=model.unet.config.context_dim)
-        rank = 4
-    else:
-        from bench.generate import random_sdxl
-        args.height = args.width = 1024
-        device, dtype = "cuda", DTYPES[args.dtype]
-        model = random_sdxl(dtype)
-        net = random_controlnet(ControlNetConfig.sdxl(), device, dtype)
-        resampler = ResamplerConfig.instantid(model.unet.config.context_dim)
-        rank = 64
+    model, device, dtype, net, loras = random_setting(args)
+    resampler = (ResamplerConfig(dim=128, heads=2, output_dim=model.unet.config.context_dim) if args.tiny
+                 else ResamplerConfig.instantid(model.unet.config.context_dim))
     adapter = random_adapter(model.unet.config, device, dtype, resampler)
-    loras = [load_lora(kohya_lora(model.unet, rank, locon=False, seed=i + 1), device=device) for i in range(args.k)]
     extra = dict(face_adapter=adapter, identitynet=net)
     faces, mixed = ["face"] * args.k, ["lora"] + ["face"] * (args.k - 1)
     run(model, args, faces, loras, extra, "warm-up")
@@ -89,14 +69,11 @@ def main(argv=None) -> dict:
     if lora["peak_gib"] is not None:
         summary["peak_added_gib"] = round(face["peak_gib"] - lora["peak_gib"], 2)
     print("summary:", summary, flush=True)
-    out = {"steps": args.steps, "blend_steps": args.blend_steps, "k": args.k,
-           "dtype": "fp32" if args.tiny else args.dtype, "resolution": [args.height, args.width],
-           "cuda_graphs": bool(args.cuda_graphs and not args.tiny), "rows": rows, "summary": summary,
-           "note": "random weights; each concept a user box; LoRA concepts grouped (one UNet call a step); InstantID "
-                   "concepts share one face pass (base weights, face tokens, IdentityNet over their rows)"}
-    path = write_json("instantid_tiny" if args.tiny else "instantid", out, args.out)
-    print("wrote", path)
-    return out
+    return write_result(
+        "instantid", args, rows, summary,
+        "random weights; each concept a user box; LoRA concepts grouped (one UNet call a step); InstantID concepts "
+        "share one face pass (base weights, face tokens, IdentityNet over their rows)",
+        cuda_graphs=bool(args.cuda_graphs and not args.tiny))
 
 
 if __name__ == "__main__":

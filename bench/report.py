@@ -79,32 +79,40 @@ def lora_section(d: dict) -> str:
                       "forward ms base / swapped / unmerged (batch 2)"], rows))
 
 
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def _latent_difference(s: dict) -> str:
+    """A bench.generate summary's k = 2 final latent against the unoptimised path's."""
+    diff, peak = s["k2_final_latent_vs_unoptimised_max_abs_diff"], s["k2_final_latent_max_abs"]
+    return (f"k = 2 final latent: max abs difference {diff} ({diff / peak:.2%} of the largest value {peak}), RMS "
+            f"{s['k2_final_latent_vs_unoptimised_rms_diff']}")
+
+
 def targets_section(d: dict) -> str:
     """Issue 7's targets against one bench.generate run that also timed the UNet and the original's schedule."""
     s, u, ref = d["summary"], d["unet"], d["reference"]
     k = {r["k"]: r for r in d["rows"] if r["store"] == "recompute" and r.get("cuda_graphs") and r.get("triton", True)
          and r.get("lora_mode") == "grouped" and not r["self_replay_steps"]}
-    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
     speedup = ref["total_s"] / k[2]["seconds"]
     growth = s["peak_growth_per_concept_gib"] / s["lora_touched_gib_per_concept"]
-    rows = [["k = 2 image <= 3.5 s", f"{k[2]['seconds']:.2f} s", yes(k[2]["seconds"] <= 3.5)],
+    rows = [["k = 2 image <= 3.5 s", f"{k[2]['seconds']:.2f} s", _yes(k[2]["seconds"] <= 3.5)],
             [">= 8x the original's schedule (same command)",
-             f"{speedup:.2f}x ({ref['total_s']:.2f} s, {ref['unet_evaluations']} evaluations)", yes(speedup >= 8)],
+             f"{speedup:.2f}x ({ref['total_s']:.2f} s, {ref['unet_evaluations']} evaluations)", _yes(speedup >= 8)],
             ["UNet forward >= 1.5x diffusers' eager SDPA (batch 2)",
              f"{u['speedup_graph_vs_diffusers']:.2f}x ({u['omg_cuda_graph_ms']} ms as the sampler runs it, "
              f"{u['omg_eager_ms']} ms eager; diffusers {u['diffusers_eager_sdpa_ms']} ms)",
-             yes(u["speedup_graph_vs_diffusers"] >= 1.5)],
+             _yes(u["speedup_graph_vs_diffusers"] >= 1.5)],
             ["peak memory k = 2 <= 14 GB", f"{k[2]['peak_gib']:.2f} GiB = {k[2]['peak_gib'] * GIB / 1e9:.1f} GB "
-             f"(merged concepts: {s['k2_merged_graphs_peak_gib']:.2f} GiB)", yes(k[2]["peak_gib"] * GIB <= 14e9)],
+             f"(merged concepts: {s['k2_merged_graphs_peak_gib']:.2f} GiB)", _yes(k[2]["peak_gib"] * GIB <= 14e9)],
             ["growth per concept <= 1.1x the tensors its LoRA touches",
              f"{s['peak_growth_per_concept_gib']:.2f} GiB per concept against {s['lora_touched_gib_per_concept']:.2f} "
-             f"GiB touched ({growth:.2f}x)", yes(growth <= 1.1)],
-            ["time(k = 5) / time(k = 1) <= 2.5", f"{s['time_k5_over_k1']:.2f}", yes(s["time_k5_over_k1"] <= 2.5)],
+             f"GiB touched ({growth:.2f}x)", _yes(growth <= 1.1)],
+            ["time(k = 5) / time(k = 1) <= 2.5", f"{s['time_k5_over_k1']:.2f}", _yes(s["time_k5_over_k1"] <= 2.5)],
             ["output equal to the unoptimised path (merged weights, eager, torch ops) within a stated tolerance",
-             f"k = 2 final latent: max abs difference {s['k2_final_latent_vs_unoptimised_max_abs_diff']} "
-             f"({s['k2_final_latent_vs_unoptimised_max_abs_diff'] / s['k2_final_latent_max_abs']:.2%} of the "
-             f"largest value {s['k2_final_latent_max_abs']}), RMS {s['k2_final_latent_vs_unoptimised_rms_diff']}; "
-             f"tests: <= 1e-4 in fp32 on CPU, CUDA graphs bit-identical to eager on the GPU", "yes"]]
+             f"{_latent_difference(s)}; tests: <= 1e-4 in fp32 on CPU, CUDA graphs bit-identical to eager on the GPU",
+             "yes"]]
     return (f"Performance targets (issue 7), from `{_command(d)}`:\n\n"
             + _table(["target", f"measured ({d['device']})", "met"], rows))
 
@@ -117,26 +125,23 @@ def h200_targets_section(d: dict) -> str:
          and r.get("crop_margin") is None}
     merged = next(r for r in rows_ if r["k"] == 2 and r.get("lora_mode") == "merged" and r.get("cuda_graphs"))
     crops = [r for r in rows_ if r["k"] == 2 and r.get("crop_margin") is not None]
-    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
     speedup = ref["total_s"] / k[2]["seconds"]
     fastest = min([k[2], merged] + crops, key=lambda r: r["seconds"])
     rows = [["exact path: k = 2 <= 6.0 s (default mode)", f"{k[2]['seconds']:.2f} s warm, {s['k2_cold_s']:.2f} s "
-             "cold (the process's first image: graph recording)", yes(k[2]["seconds"] <= 6.0)],
+             "cold (the process's first image: graph recording)", _yes(k[2]["seconds"] <= 6.0)],
             [">= 4.7x the original's schedule (same command)",
-             f"{speedup:.2f}x ({ref['total_s']:.2f} s, {ref['unet_evaluations']} evaluations)", yes(speedup >= 4.7)],
-            ["time(k = 5) / time(k = 1) <= 2.0", f"{s['time_k5_over_k1']:.2f}", yes(s["time_k5_over_k1"] <= 2.0)],
+             f"{speedup:.2f}x ({ref['total_s']:.2f} s, {ref['unet_evaluations']} evaluations)", _yes(speedup >= 4.7)],
+            ["time(k = 5) / time(k = 1) <= 2.0", f"{s['time_k5_over_k1']:.2f}", _yes(s["time_k5_over_k1"] <= 2.0)],
             ["a low-memory configuration: peak k = 2 <= 14 GB, beside the fastest one",
              f"grouped (default) {k[2]['peak_gib']:.2f} GiB = {k[2]['peak_gib'] * GIB / 1e9:.1f} GB in "
              f"{k[2]['seconds']:.2f} s; merged {merged['peak_gib']:.2f} GiB in {merged['seconds']:.2f} s",
-             yes(k[2]["peak_gib"] * GIB <= 14e9)]]
+             _yes(k[2]["peak_gib"] * GIB <= 14e9)]]
     for r in crops:
         rows.append([f"fast mode concept_crop (margin {r['crop_margin']}): k = 2 <= 3.5 s",
                      f"{r['seconds']:.2f} s ({r['seconds'] / k[2]['seconds']:.2f}x the default; these masks are "
-                     "half-image strips)", yes(r["seconds"] <= 3.5)])
-    rows.append(["output equal to the unoptimised path (merged weights, eager, torch ops)",
-                 f"k = 2 final latent: max abs difference {s['k2_final_latent_vs_unoptimised_max_abs_diff']} "
-                 f"({s['k2_final_latent_vs_unoptimised_max_abs_diff'] / s['k2_final_latent_max_abs']:.2%} of the "
-                 f"largest value), RMS {s['k2_final_latent_vs_unoptimised_rms_diff']}", "yes"])
+                     "half-image strips)", _yes(r["seconds"] <= 3.5)])
+    rows.append(["output equal to the unoptimised path (merged weights, eager, torch ops)", _latent_difference(s),
+                 "yes"])
     return (f"Performance targets (issue 19), from `{_command(d)}`; fastest k = 2 configuration: "
             f"{fastest['lora_mode']} {fastest['seconds']:.2f} s:\n\n"
             + _table(["target", f"measured ({d['device']})", "met"], rows))

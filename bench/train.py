@@ -106,15 +106,19 @@ def main() -> None:
     log: list = []
     trainer = train.Trainer(device, 0, 100, log, lambda m: print(m, flush=True))
     data = train.DeviceData(latents, scenes, train.attention_grids(model.unet.config, size // 8), device)
-    stats = train.train_unet(model, data, trainer, args.steps, args.batch, 1e-4, 1e-4, 0.3, size, float("inf"))
+
+    def current_loop(steps: int, compile_step: bool = False) -> dict:  # demo.train's UNet stage, no time budget
+        return train.train_unet(model, data, trainer, steps, args.batch, 1e-4, 1e-4, 0.3, size, float("inf"),
+                                compile_step=compile_step)
+
+    stats = current_loop(args.steps)
     current = stats["steps_per_s"]
     print(f"current loop: {current:8.2f} steps/s at batch {args.batch} ({current / legacy:.1f}x the legacy loop; "
           f"{stats['mode']})")
     compiled = None
     if args.compile:
         t0 = time.perf_counter()
-        cstats = train.train_unet(model, data, trainer, args.steps, args.batch, 1e-4, 1e-4, 0.3, size, float("inf"),
-                                  compile_step=True)
+        cstats = current_loop(args.steps, compile_step=True)
         compiled = {"steps_per_s": cstats["steps_per_s"], "mode": cstats["mode"], "skipped_steps":
                     cstats["skipped_steps"], "seconds_with_compile": time.perf_counter() - t0}
         print(f"compiled:     {compiled['steps_per_s']:8.2f} steps/s at batch {args.batch} "
@@ -126,7 +130,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            train.train_unet(model, data, trainer, args.profile, args.batch, 1e-4, 1e-4, 0.3, size, float("inf"))
+            current_loop(args.profile)
         profile = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
         print(profile)
     n_params = sum(p.numel() for p in model.unet.parameters())

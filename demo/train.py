@@ -153,15 +153,22 @@ def size_embedding(size: int, device: torch.device) -> Tensor:
     return sdxl_vector(torch.zeros(1, 0, device=device), (size, size), (0, 0), (size, size), embed_dim=SIZE_EMBED)
 
 
+def drop_captions(context: Tensor, y: Tensor, keep: Tensor, pooled_width: int) -> tuple[Tensor, Tensor]:
+    """Rows where keep is False get the zero embedding (context and the pooled part of y), as encode_text."""
+    k = keep.to(context.dtype)
+    y = torch.cat([y[:, :pooled_width] * k[:, None], y[:, pooled_width:]], -1)
+    return context * k[:, None, None], y
+
+
 def encode_text(text: nn.Module, ids_l: Tensor, ids_g: Tensor, keep: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
     """(context, y) with gradients (SDXLTextEncoder.encode is no-grad); dropped captions give zeros. sizes is
     size_embedding(...), made once: building it here would copy host numbers to the device inside a graph."""
     hidden_l = text.clip_l(ids_l)
     hidden_g, pooled = text.clip_g(ids_g)
-    keep = keep.to(hidden_l.dtype)
-    context = torch.cat([hidden_l, hidden_g.to(hidden_l)], -1) * keep[:, None, None]
-    pooled = pooled.to(hidden_l) * keep[:, None]
-    return context, torch.cat([pooled, sizes.to(pooled).expand(len(pooled), -1)], -1)
+    context = torch.cat([hidden_l, hidden_g.to(hidden_l)], -1)
+    pooled = pooled.to(hidden_l)
+    y = torch.cat([pooled, sizes.to(pooled).expand(len(pooled), -1)], -1)
+    return drop_captions(context, y, keep, pooled.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------- grounding
@@ -619,13 +626,6 @@ def kohya_state_dict(wrapped: dict[str, LoraAdapter]) -> dict[str, Tensor]:
         sd[f"{key}.lora_up.weight"] = w.up.weight.detach().float().cpu().half().contiguous()
         sd[f"{key}.alpha"] = torch.tensor(float(w.alpha)).half()
     return sd
-
-
-def drop_captions(context: Tensor, y: Tensor, keep: Tensor, pooled_width: int) -> tuple[Tensor, Tensor]:
-    """Rows where keep is False get the zero embedding (context and the pooled part of y), as encode_text."""
-    k = keep.to(context.dtype)
-    y = torch.cat([y[:, :pooled_width] * k[:, None], y[:, pooled_width:]], -1)
-    return context * k[:, None, None], y
 
 
 def train_lora(model: SDXL, name: str, instance: Sequence[Scene], prior: Sequence[Scene], trainer: Trainer,
