@@ -6,8 +6,9 @@ Both loops train the demo UNet config (demo.train.demo_configs) at the same batc
 - legacy: the loop of the previous demo/train.py (captions encoded by a frozen text encoder through a CPU-side
   cache and stacked per step, indices and noise drawn on the CPU and copied over, deterministic algorithms,
   foreach AdamW, loss.item() every step);
-- current: demo.train.train_unet (data on the device, the text encoders trained too, the grounding loss,
-  UNet forward + backward as one CUDA graph, fused AdamW, EMA, losses read back every --log-every steps).
+- current: demo.train.train_unet (data on the device, the text encoders trained too, the grounding loss, the
+  whole step - batch draw, forward, backward, clipping, fused capturable AdamW, EMA - as one CUDA graph, losses
+  read back every --log-every steps).
 The current loop does more work per step (text-encoder backward, grounding loss, EMA). Prints steps/s and
 writes bench/results/train_<gpu>.json.
 """

@@ -21,10 +21,11 @@ Stages (--stages, in this order):
    class images of the same class and colour without the pattern, "a red ball on ...", in every batch, so
    the identity is bound to the identifier word. Saved in the kohya layout.
 
-Speed: data and captions live on the device, sampled there; the UNet step (forward, grounding loss,
-backward) is captured once as a CUDA graph (torch.cuda.make_graphed_callables) with bf16 autocast; the
-optimiser is fused AdamW; losses are read back every --log-every steps only. Seeded; on CUDA not bitwise
-reproducible (atomics in the backward pass).
+Speed: data and captions live on the device, sampled there; the UNet stage's whole step (batch draw, text
+encoders, UNet forward with bf16 autocast, grounding loss, backward, clipping, fused capturable AdamW, EMA) is
+one CUDA graph, recorded once and replayed (--compile: inductor's kernels inside it); the LoRA stage's forward
+and backward are one (torch.cuda.make_graphed_callables); losses are read back every --log-every steps only.
+Seeded; on CUDA not bitwise reproducible (atomics in the backward pass).
 """
 from __future__ import annotations
 
@@ -312,8 +313,10 @@ class Trainer:
         self.window = (time.monotonic(), float("inf"))  # (start, deadline) of the running stage
         self.generator = torch.Generator(device).manual_seed(seed)
 
-    def optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
-        fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+    def optimizer(self, groups: list[dict], capturable: bool = False) -> torch.optim.Optimizer:
+        """AdamW, fused on CUDA. capturable: its step counts live on the device and the learning rates are the
+        groups' 0-dim tensors (set them in place), so that a CUDA graph can hold the whole step."""
+        fused = {"fused": True, "capturable": capturable} if self.device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0, **fused)
 
     def randint(self, high: int, n: int) -> Tensor:
@@ -419,18 +422,20 @@ def attention_grids(unet_config: UNetConfig, latent: int) -> list[int]:
 
 
 class EMA:
-    """Exponential moving average of parameters (one foreach lerp a step), warmed up as (1 + n) / (10 + n)."""
+    """Exponential moving average of parameters (one foreach lerp a step), warmed up as (1 + n) / (10 + n). The
+    update count lives on the device, so that a CUDA graph of the whole step advances it on every replay."""
 
     def __init__(self, params: Sequence[nn.Parameter], decay: float):
         self.params = list(params)
         self.shadow = [p.detach().clone() for p in self.params]
-        self.decay, self.updates = decay, 0
+        self.decay = decay
+        self.updates = torch.zeros((), device=self.params[0].device)
 
     @torch.no_grad()
     def update(self, ok: Optional[Tensor] = None) -> None:
         """ok: a device bool; False leaves the average as it is (a skipped step), with no host sync."""
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates.add_(1)
+        decay = ((1 + self.updates) / (10 + self.updates)).clamp(max=self.decay)
         weight = 1 - decay if ok is None else ok.float() * (1 - decay)
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], weight)
 
@@ -457,45 +462,111 @@ def diffusion_inputs(trainer: Trainer, latents: Tensor, ac: Tensor) -> tuple[Ten
 
 def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batch: int, lr: float, text_lr: float,
                grounding_weight: float, size: int, deadline: float, drop: float = 0.1,
-               compile_step: bool = False) -> dict:
-    """UNet + text encoders, eps-prediction + grounding loss; EMA weights are what is kept. compile_step: the step's
-    forward and backward through torch.compile (inductor) inside the CUDA graph."""
+               compile_step: bool = False, cuda_graph: bool = True) -> dict:
+    """UNet + text encoders, eps-prediction + grounding loss; EMA weights are what is kept. On CUDA the whole step
+    (batch draw, forward, losses, backward, clipping, AdamW, EMA) is one CUDA graph (cuda_graph=False: eager).
+    compile_step: the forward and backward through torch.compile (inductor) inside that graph."""
     unet, text, device = model.unet, model.text, trainer.device
     unet.train().requires_grad_(True)
     text.train().requires_grad_(True)
     grids = sorted(data.masks, reverse=True)
     net = GroundedUNet(unet, grids, grounding=grounding_weight > 0)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = trainer.optimizer([{"params": list(unet.parameters()), "lr": lr, "peak": lr},
-                             {"params": list(text.parameters()), "lr": text_lr, "peak": text_lr}])
+    capture = cuda_graph and device.type == "cuda"
+    peaks = (lr, text_lr)
+    # capturable: the learning rates are device tensors the graph reads, set in place before each replay
+    rates = [torch.tensor(peak, device=device) if capture else peak for peak in peaks]
+    opt = trainer.optimizer([{"params": list(unet.parameters()), "lr": rates[0]},
+                             {"params": list(text.parameters()), "lr": rates[1]}], capturable=capture)
     give_own_grads(params)
     ema = EMA(params, decay=0.999)
     ac = NoiseSchedule.sdxl().alphas_cumprod.to(device, torch.float32)
     whole = TextAndUNet(text, net, size, device)
-    mode, call = _compile_step(net, whole, trainer, data, batch, drop, ac, compile_step)
-    trainer.say(f"unet stage runs as {mode}")
-    guard = StepGuard("unet", call, mode, lambda: _eager_step(whole, trainer, data, batch, drop, ac), trainer)
+    forward = torch.compile(whole, dynamic=False) if compile_step else whole
+    guard: Optional[StepGuard] = None
 
-    def step(i: int) -> Tensor:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(i, steps, group["peak"], progress=trainer.progress(i, steps))
-        eps, grounding, noise = guard.call()
-        diffusion = F.mse_loss(eps, noise)
+    def body() -> Tensor:  # one step, with no host sync: what the graph records
+        b = _draw(trainer, data, batch, drop, ac)
+        eps, grounding = forward(*b[:7], *b[7])
+        diffusion = F.mse_loss(eps, b[8])
         loss = diffusion + grounding_weight * grounding
-        opt.zero_grad(set_to_none=False)  # graphed backward writes into the same .grad tensors every step
+        opt.zero_grad(set_to_none=False)  # the .grad tensors keep their addresses (give_own_grads)
         loss.backward()
         bad = guard.clip(opt, params)
         opt.step()
         ema.update(~bad.bool())
         return torch.stack([diffusion.detach(), grounding.detach()])
 
-    stats = {**_run_two(trainer, steps, step, deadline, guard.on_log), "mode": mode, "final_mode": guard.mode,
-             "skipped_steps": guard.skipped_steps}
+    call: Callable[[], Tensor] = CapturedStep(body, trainer.generator, trainer.say) if capture else body
+    mode = ("graph: whole step" if capture else "eager") + (" (compiled)" if compile_step else "")
+    guard = StepGuard("unet", call, mode, lambda: body, trainer)
+    trainer.say(f"unet stage runs as {mode}")
+
+    def step(i: int) -> Tensor:
+        for group, peak in zip(opt.param_groups, peaks):
+            rate = cosine_lr(i, steps, peak, progress=trainer.progress(i, steps))
+            if capture:
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
+        return guard.call()
+
+    stats = _run_two(trainer, steps, step, deadline, guard.on_log)
+    if isinstance(call, CapturedStep) and call.eager:  # the capture failed: the steps ran eagerly
+        mode = guard.mode = "eager" + (" (compiled)" if compile_step else "")
+    stats = {**stats, "mode": mode, "final_mode": guard.mode, "skipped_steps": guard.skipped_steps}
     ema.copy_to_params()
     net.detach_processor()
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
     return stats
+
+
+class CapturedStep:
+    """fn() -> Tensor, a whole training step, as one CUDA graph: `warmup` eager calls on a side stream (as torch
+    asks: lazy initialisation, autotuning, compilation), then one capture, then a replay a step: no kernel
+    launches and no Python per step. The graph owns fn's random draws through `generator`, registered with it,
+    so every replay draws new numbers. A capture that fails leaves every later call eager (speed, not
+    correctness). Returns a copy of the graph's output, so callers may keep it."""
+
+    def __init__(self, fn: Callable[[], Tensor], generator: torch.Generator, say: Callable[[str], None],
+                 warmup: int = 3):
+        self.fn, self.generator, self.say, self.warmup = fn, generator, say, warmup
+        self.calls, self.eager = 0, False
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.out: Optional[Tensor] = None
+
+    def __call__(self) -> Tensor:
+        if self.eager:
+            return self.fn()
+        if self.graph is None:
+            self.calls += 1
+            if self.calls <= self.warmup:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self.fn()
+                torch.cuda.synchronize()  # the warm-up steps' tensors are read on the default stream
+                return out
+            if not self._capture():
+                return self.fn()
+        self.graph.replay()
+        return self.out.clone()
+
+    def _capture(self) -> bool:
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.generator)
+        try:
+            with torch.cuda.graph(graph):
+                self.out = self.fn()
+        except Exception as e:  # noqa: BLE001 - a capture failure costs speed, not correctness
+            torch.cuda.synchronize()
+            self.say(f"CUDA graph capture of the training step failed ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); it runs eagerly")
+            self.eager = True
+            return False
+        self.graph = graph
+        return True
 
 
 def _run_two(trainer: Trainer, steps: int, step: Callable[[int], Tensor], deadline: float,
@@ -524,43 +595,6 @@ def _draw(trainer: Trainer, data: DeviceData, batch: int, drop: float, ac: Tenso
     masks = tuple(data.masks[g][idx] for g in sorted(data.masks, reverse=True))
     return (data.ids_l[idx], data.ids_g[idx], keep, x_t, t, data.positions[idx], data.weights[idx] * keep[:, None],
             masks, noise)
-
-
-def _compile_step(net: GroundedUNet, whole: TextAndUNet, trainer: Trainer, data: DeviceData, batch: int,
-                  drop: float, ac: Tensor, compile_step: bool = False) -> tuple[str, Callable[[], tuple]]:
-    """call() -> (eps, grounding loss, noise) for a fresh batch, as fast as this device allows: text encoders and
-    UNet in one CUDA graph, else the UNet alone as a graph, else eagerly. compile_step: the graph records inductor's
-    kernels (a small model at a 32 x 32 latent is bound by its ~4500 kernels a step, which inductor fuses)."""
-
-    def text_inputs(b: tuple) -> tuple:
-        with autocast(trainer.device):
-            context, y = encode_text(whole.text, b[0], b[1], b[2], whole.sizes)
-        return context.float(), y.float()
-
-    if trainer.device.type == "cuda":
-        b = _draw(trainer, data, batch, drop, ac)
-        graph = graphed(torch.compile(whole, dynamic=False) if compile_step else whole, b[:7] + b[7], trainer.say)
-        if graph is not None:
-            def call_whole() -> tuple:
-                b = _draw(trainer, data, batch, drop, ac)
-                return (*graph(*b[:7], *b[7]), b[8])
-            return "graph: text encoders + UNet" + (" (compiled)" if compile_step else ""), call_whole
-        graph = graphed(net, (b[3], b[4], *text_inputs(b), b[5], b[6], *b[7]), trainer.say)
-        if graph is not None:
-            def call_unet() -> tuple:
-                b = _draw(trainer, data, batch, drop, ac)
-                return (*graph(b[3], b[4], *text_inputs(b), b[5], b[6], *b[7]), b[8])
-            return "graph: UNet; text encoders eager", call_unet
-
-    return "eager", _eager_step(whole, trainer, data, batch, drop, ac)
-
-
-def _eager_step(whole: TextAndUNet, trainer: Trainer, data: DeviceData, batch: int, drop: float,
-                ac: Tensor) -> Callable[[], tuple]:
-    def call_eager() -> tuple:
-        b = _draw(trainer, data, batch, drop, ac)
-        return (*whole(*b[:7], *b[7]), b[8])
-    return call_eager
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

@@ -476,10 +476,10 @@ def test_shipped_demo_weights_load_strictly():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("graphs", [True, False])
-def test_graphed_training_matches_eager_training_on_cuda(graphs, monkeypatch):
-    """The CUDA-graphed UNet stage trains: no skipped steps, and after 6 steps its parameters are those of the
-    eager loop (fp32 atomics aside). Before demo.train.give_own_grads every graphed step after the first was
-    non-finite (the .grad buffers lived in the graph's pool)."""
+def test_graphed_training_matches_eager_training_on_cuda(graphs):
+    """The UNet stage as one CUDA graph a step trains: no skipped steps, and after 6 steps (3 warm-up, 3 replays)
+    its parameters are those of the eager loop (fp32 atomics aside): the replays draw the eager loop's batches
+    and noise, step AdamW and the EMA as it does."""
     from demo import train
     from omg.model import SDXL
 
@@ -492,10 +492,8 @@ def test_graphed_training_matches_eager_training_on_cuda(graphs, monkeypatch):
         latents = train.encode_latents(model, to_tensor_batch(scenes), device) * model.vae.config.scaling_factor
         data = train.DeviceData(latents, scenes, train.attention_grids(model.unet.config, 8), device)
         trainer = train.Trainer(device, 0, 3, [], lambda m: None, offset_noise=0.1)
-        if not use_graph:
-            monkeypatch.setattr(train, "graphed", lambda *a, **k: None)
-        stats = train.train_unet(model, data, trainer, 6, 8, 0.2, 0.2, 0.3, 64, float("inf"))  # warm-up: lr/200
-        monkeypatch.undo()
+        stats = train.train_unet(model, data, trainer, 6, 8, 0.2, 0.2, 0.3, 64, float("inf"),  # warm-up: lr/200
+                                 cuda_graph=use_graph)
         return stats, [p.detach().clone() for p in model.unet.parameters()]
 
     stats, params = run(graphs)
@@ -505,3 +503,46 @@ def test_graphed_training_matches_eager_training_on_cuda(graphs, monkeypatch):
         apart = max(float((a - b).abs().max()) for a, b in zip(params, eager))
         moved = max(float((a - b).abs().max()) for a, b in zip(eager, run.init))
         assert moved > 0 and apart < 0.1 * moved, (apart, moved)  # bf16 autocast and atomics either way
+
+
+def test_ema_warm_up_and_skipped_steps():
+    """EMA.update: weight 1 - min(decay, (1 + n) / (10 + n)) at its n-th update (counted on the device); a step
+    flagged not ok leaves the average, but counts."""
+    from demo import train
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = train.EMA([p], decay=0.5)
+    expected = torch.zeros(3)
+    for n, (value, ok) in enumerate([(1.0, True), (2.0, False), (3.0, True), (4.0, True)], start=1):
+        p.data.fill_(value)
+        ema.update(torch.tensor(ok))
+        if ok:
+            expected += (1 - min(0.5, (1 + n) / (10 + n))) * (value - expected)
+        assert torch.allclose(ema.shadow[0], expected), (n, ema.shadow[0], expected)
+    assert float(ema.updates) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_step_replays_draw_the_eager_random_sequence():
+    """CapturedStep registers the generator with its graph: every replay draws new numbers, the same sequence an
+    eager loop on an equally seeded generator draws, and its outputs are copies (kept values stay)."""
+    from demo import train
+
+    def numbers(captured: bool) -> list:
+        g = torch.Generator("cuda").manual_seed(7)
+        state = torch.zeros(4, device="cuda")
+
+        def fn() -> torch.Tensor:
+            state.add_(torch.randn(4, device="cuda", generator=g))
+            return state * 1
+        call = train.CapturedStep(fn, g, print, warmup=2) if captured else fn
+        out = [call() for _ in range(6)]
+        if captured:
+            assert call.graph is not None and not call.eager
+        return [o.cpu() for o in out]
+
+    graphed, eager = numbers(True), numbers(False)
+    assert len({tuple(o.tolist()) for o in graphed}) == 6
+    for a, b in zip(graphed, eager):
+        assert torch.allclose(a, b, atol=1e-6), (a, b)
