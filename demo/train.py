@@ -437,7 +437,11 @@ class EMA:
         self.updates.add_(1)
         decay = ((1 + self.updates) / (10 + self.updates)).clamp(max=self.decay)
         weight = 1 - decay if ok is None else ok.float() * (1 - decay)
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], weight)
+        # shadow += weight * (p - shadow): _foreach_lerp_ takes a Scalar weight, and a tensor there is read back
+        # to the host (.item(): a sync every step, and a failed CUDA graph capture)
+        diff = torch._foreach_sub([p.detach() for p in self.params], self.shadow)
+        torch._foreach_mul_(diff, weight)
+        torch._foreach_add_(self.shadow, diff)
 
     @torch.no_grad()
     def copy_to_params(self) -> None:
@@ -497,7 +501,7 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
         ema.update(~bad.bool())
         return torch.stack([diffusion.detach(), grounding.detach()])
 
-    call: Callable[[], Tensor] = CapturedStep(body, trainer.generator, trainer.say) if capture else body
+    call: Callable[[], Tensor] = CapturedStep(body, trainer) if capture else body
     mode = ("graph: whole step" if capture else "eager") + (" (compiled)" if compile_step else "")
     guard = StepGuard("unet", call, mode, lambda: body, trainer)
     trainer.say(f"unet stage runs as {mode}")
@@ -525,13 +529,13 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
 class CapturedStep:
     """fn() -> Tensor, a whole training step, as one CUDA graph: `warmup` eager calls on a side stream (as torch
     asks: lazy initialisation, autotuning, compilation), then one capture, then a replay a step: no kernel
-    launches and no Python per step. The graph owns fn's random draws through `generator`, registered with it,
-    so every replay draws new numbers. A capture that fails leaves every later call eager (speed, not
-    correctness). Returns a copy of the graph's output, so callers may keep it."""
+    launches and no Python per step. The graph owns fn's random draws through the trainer's generator,
+    registered with it, so every replay draws new numbers. A capture that fails (a host sync in fn) leaves every
+    later call eager (speed, not correctness) and gives the trainer a fresh generator (the registered one stays
+    in capture mode). Returns a copy of the graph's output, so callers may keep it."""
 
-    def __init__(self, fn: Callable[[], Tensor], generator: torch.Generator, say: Callable[[str], None],
-                 warmup: int = 3):
-        self.fn, self.generator, self.say, self.warmup = fn, generator, say, warmup
+    def __init__(self, fn: Callable[[], Tensor], trainer: "Trainer", warmup: int = 3):
+        self.fn, self.trainer, self.warmup = fn, trainer, warmup
         self.calls, self.eager = 0, False
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.out: Optional[Tensor] = None
@@ -554,15 +558,23 @@ class CapturedStep:
         return self.out.clone()
 
     def _capture(self) -> bool:
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
+        graph, generator, first = torch.cuda.CUDAGraph(), self.trainer.generator, None
+        graph.register_generator_state(generator)
         try:
             with torch.cuda.graph(graph):
-                self.out = self.fn()
+                try:
+                    self.out = self.fn()
+                except Exception as e:  # noqa: BLE001 - the cause; ending the capture raises a vaguer error
+                    first = e
+                    raise
         except Exception as e:  # noqa: BLE001 - a capture failure costs speed, not correctness
+            cause = first or e
             torch.cuda.synchronize()
-            self.say(f"CUDA graph capture of the training step failed ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}); it runs eagerly")
+            fresh = torch.Generator(generator.device)
+            fresh.set_state(generator.get_state())
+            self.trainer.generator = fresh
+            self.trainer.say(f"CUDA graph capture of the training step failed ({type(cause).__name__}: "
+                             f"{str(cause).splitlines()[0] if str(cause) else ''}); it runs eagerly")
             self.eager = True
             return False
         self.graph = graph

@@ -524,19 +524,53 @@ def test_ema_warm_up_and_skipped_steps():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_unet_step_has_no_host_sync(monkeypatch):
+    """The UNet stage's step body runs with torch's sync debug mode set to error (a host sync fails the CUDA graph
+    capture of the whole step; EMA's _foreach_lerp_ with a tensor weight was one)."""
+    from demo import train
+    from omg.model import SDXL
+
+    device = torch.device("cuda")
+    scenes = base_scenes(16, 64, seed=3)
+    model = SDXL.random(*train.demo_configs(tiny=True), seed=0, device=device, size_embed_dim=train.SIZE_EMBED)
+    latents = train.encode_latents(model, to_tensor_batch(scenes), device) * model.vae.config.scaling_factor
+    data = train.DeviceData(latents, scenes, train.attention_grids(model.unet.config, 8), device)
+    trainer = train.Trainer(device, 0, 100, [], lambda m: None)
+    checked = []
+
+    class Strict:  # train_unet's step calls CapturedStep(body, trainer)(): run the body under the debug mode
+        def __init__(self, fn, trainer):
+            self.fn = fn
+
+        def __call__(self):
+            if checked:  # the first step initialises the optimiser state (allocations, not syncs)
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                return self.fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                checked.append(True)
+
+    monkeypatch.setattr(train, "CapturedStep", Strict)
+    stats = train.train_unet(model, data, trainer, 3, 8, 0.2, 0.2, 0.3, 64, float("inf"))
+    assert len(checked) == 3 and stats["skipped_steps"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_captured_step_replays_draw_the_eager_random_sequence():
     """CapturedStep registers the generator with its graph: every replay draws new numbers, the same sequence an
     eager loop on an equally seeded generator draws, and its outputs are copies (kept values stay)."""
     from demo import train
 
     def numbers(captured: bool) -> list:
-        g = torch.Generator("cuda").manual_seed(7)
+        trainer = train.Trainer(torch.device("cuda"), 7, 1, [], print)
         state = torch.zeros(4, device="cuda")
 
         def fn() -> torch.Tensor:
-            state.add_(torch.randn(4, device="cuda", generator=g))
+            state.add_(trainer.randn((4,)))
             return state * 1
-        call = train.CapturedStep(fn, g, print, warmup=2) if captured else fn
+        call = train.CapturedStep(fn, trainer, warmup=2) if captured else fn
         out = [call() for _ in range(6)]
         if captured:
             assert call.graph is not None and not call.eager
