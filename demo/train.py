@@ -337,6 +337,7 @@ class Trainer:
             on_log: Optional[Callable[[list[float]], None]] = None) -> dict:
         """step_fn(i) -> loss tensors (no sync); on_log(values) after each read-back; returns the throughput."""
         pending, start, done = [], time.perf_counter(), 0
+        first_window: Optional[tuple[int, float]] = None  # (steps, seconds) at the first read-back
         self.window = (time.monotonic(), deadline)
         for i in range(steps):
             if time.monotonic() > deadline:
@@ -349,6 +350,8 @@ class Trainer:
                 self.log.extend((tag, done - len(values) + j, v) for j, v in enumerate(values))
                 pending = []
                 rate = done / (time.perf_counter() - start)
+                if first_window is None:
+                    first_window = (done, time.perf_counter() - start)
                 self.say(f"{tag}: step {done}/{steps} loss {float(np.mean(values)):.4f} ({rate:.1f} steps/s)")
                 if on_log is not None:
                     on_log(values)
@@ -358,7 +361,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        return {"steps": done, "seconds": seconds, "steps_per_s": done / max(seconds, 1e-9)}
+        stats = {"steps": done, "seconds": seconds, "steps_per_s": done / max(seconds, 1e-9)}
+        if first_window is not None and done > first_window[0]:  # without warm-up, capture and compilation
+            stats["steady_steps_per_s"] = (done - first_window[0]) / max(seconds - first_window[1], 1e-9)
+        return stats
 
 
 def train_vae(model: SDXL, images: Tensor, trainer: Trainer, steps: int, batch: int, lr: float,
@@ -482,7 +488,6 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
     rates = [torch.tensor(peak, device=device) if capture else peak for peak in peaks]
     opt = trainer.optimizer([{"params": list(unet.parameters()), "lr": rates[0]},
                              {"params": list(text.parameters()), "lr": rates[1]}], capturable=capture)
-    give_own_grads(params)
     ema = EMA(params, decay=0.999)
     ac = NoiseSchedule.sdxl().alphas_cumprod.to(device, torch.float32)
     whole = TextAndUNet(text, net, size, device)
@@ -494,7 +499,9 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
         eps, grounding = forward(*b[:7], *b[7])
         diffusion = F.mse_loss(eps, b[8])
         loss = diffusion + grounding_weight * grounding
-        opt.zero_grad(set_to_none=False)  # the .grad tensors keep their addresses (give_own_grads)
+        # fresh .grad tensors, not accumulated into: no add kernel a parameter; under capture they are allocated
+        # once in the graph's pool, at the addresses every replay writes
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         bad = guard.clip(opt, params)
         opt.step()

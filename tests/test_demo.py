@@ -540,7 +540,7 @@ def test_unet_step_has_no_host_sync(monkeypatch):
 
     class Strict:  # train_unet's step calls CapturedStep(body, trainer)(): run the body under the debug mode
         def __init__(self, fn, trainer):
-            self.fn = fn
+            self.fn, self.eager = fn, False
 
         def __call__(self):
             if checked:  # the first step initialises the optimiser state (allocations, not syncs)
