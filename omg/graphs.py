@@ -11,7 +11,8 @@ callers in omg.pipeline use it only where that holds (store="recompute", no self
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -32,6 +33,12 @@ class GraphedCall:
     fail; omg draws its noise on explicit generators (CPU by default), which are not affected.
     """
 
+    # A benchmark's timing hook (bench.generate --step-profile), off when None (the default: no cost but this
+    # check). When set, every capture runs as timing_hook(self, "capture", run) and every replay as
+    # timing_hook(self, "replay", run): the hook calls run() once (around it, e.g. CUDA events) and returns its
+    # result. Set for a with-block by omg.graphs.timed(hook).
+    timing_hook: ClassVar[Optional[Callable[["GraphedCall", str, Callable[[], Any]], Any]]] = None
+
     def __init__(self, fn: Callable[..., Tensor], heat: Any = None, pool: Optional[Any] = None):
         self.fn, self.heat, self.pool = fn, heat, pool
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -45,13 +52,19 @@ class GraphedCall:
         if self.eager:
             return self.fn(*args)
         signature = tuple((a.shape, a.dtype, a.device) for a in args)
+        hook = GraphedCall.timing_hook
         if self.graph is None:
+            if hook is not None:
+                return hook(self, "capture", lambda: self._capture(args, signature))
             return self._capture(args, signature)
         if signature != self.signature:
             raise ValueError(f"a CUDA graph replays fixed shapes: captured {self.signature}, called with {signature}")
         for static, a in zip(self.static_in, args):
             static.copy_(a)
-        self.graph.replay()
+        if hook is not None:
+            hook(self, "replay", self.graph.replay)
+        else:
+            self.graph.replay()
         if self.heat is not None:
             self.heat.add_counts(self.count_delta)
         return self.static_out.clone()
@@ -83,6 +96,16 @@ class GraphedCall:
             self.count_delta = {n: c - counts.get(n, 0) for n, c in self.heat.counts.items()}
             self.heat.counts = counts
         return out
+
+
+@contextmanager
+def timed(hook: Callable[[GraphedCall, str, Callable[[], Any]], Any]) -> Iterator[None]:
+    """GraphedCall.timing_hook = hook inside the with-block (every GraphedCall's captures and replays)."""
+    previous, GraphedCall.timing_hook = GraphedCall.timing_hook, hook
+    try:
+        yield
+    finally:
+        GraphedCall.timing_hook = previous
 
 
 def graphs_usable(device: torch.device) -> bool:
