@@ -23,7 +23,9 @@ class GraphedCall:
 
     The first call runs fn eagerly (on a side stream, as torch advises: lazy library init, Triton compilation)
     and returns that result, then records the graph; later calls copy their inputs into the graph's static
-    buffers, replay it and return a clone of its output, so callers may keep it. ``heat`` (an
+    buffers, replay it and return a clone of its output, so callers may keep it, or, with copy_output=False, the
+    graph's output buffer itself (no copy per call): valid until the next replay of this graph, for callers that
+    are done with it by then (omg's stages: guidance and the blend read it at once and make new tensors). ``heat`` (an
     omg.attention.TokenHeatmaps the call accumulates into) stays exact: recording runs no kernel, so only
     the Python-side layer counts moved, and they are set back and advanced by the same amount per replay.
     Shapes must not change between calls (a new shape is a new graph: build another GraphedCall).
@@ -39,8 +41,9 @@ class GraphedCall:
     # result. Set for a with-block by omg.graphs.timed(hook).
     timing_hook: ClassVar[Optional[Callable[["GraphedCall", str, Callable[[], Any]], Any]]] = None
 
-    def __init__(self, fn: Callable[..., Tensor], heat: Any = None, pool: Optional[Any] = None):
-        self.fn, self.heat, self.pool = fn, heat, pool
+    def __init__(self, fn: Callable[..., Tensor], heat: Any = None, pool: Optional[Any] = None,
+                 copy_output: bool = True):
+        self.fn, self.heat, self.pool, self.copy_output = fn, heat, pool, copy_output
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_in: tuple[Tensor, ...] = ()
         self.static_out: Optional[Tensor] = None
@@ -67,7 +70,7 @@ class GraphedCall:
             self.graph.replay()
         if self.heat is not None:
             self.heat.add_counts(self.count_delta)
-        return self.static_out.clone()
+        return self.static_out.clone() if self.copy_output else self.static_out
 
     def _capture(self, args: tuple[Tensor, ...], signature: tuple) -> Tensor:
         if not all(a.is_cuda for a in args):

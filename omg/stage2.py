@@ -284,14 +284,17 @@ class BlendedEps:
         """One UNet call under the role's weights (and the acting ControlNets' residuals on its first control_rows
         rows): its output (rows, C, h, w) in fp32."""
         self.evaluations += x.shape[0]
-        x, t = x.to(self.dtype), t.expand(x.shape[0])
+
+        def forward(x_: Tensor, t_: Tensor) -> Tensor:  # x (rows, C, h, w) fp32, t (1,)
+            return self._forward(x_.to(self.dtype), t_.expand(x_.shape[0]), cond, role, acting, control_rows).float()
         if not self.cuda_graphs:
-            return self._forward(x, t, cond, role, acting, control_rows).float()
+            return forward(x, t)
         key = (role, acting, control_rows)
         call = self.graphs.get(key)
         if call is None:
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()  # the roles run one after another: one pool
-            call = self.graphs[key] = GraphedCall(
-                lambda x_, t_: self._forward(x_, t_, cond, role, acting, control_rows), pool=self.graph_pool)
-        return call(x, t.contiguous()).float()
+            # the casts run inside the graph; the blend reads the output before this graph's next replay (each
+            # role's graph replays once per blending call): no copy of it
+            call = self.graphs[key] = GraphedCall(forward, pool=self.graph_pool, copy_output=False)
+        return call(x, t)
