@@ -2,13 +2,15 @@
 last 35, rank-64 kohya LoRAs on every kohya target: seconds per stage, UNet evaluations, peak memory, the
 replay store's size, for each replay store mode.
 
-Also, in the same process: the original code's schedule (bench/reference.py) at k=2 (--reference), and the
+Also, in the same process: the original code's schedule (bench/reference.py) at k=2 (--reference), the
 UNet forward at batch 2 as the sampler runs it (a CUDA graph) against diffusers' eager SDPA forward with the
-same weights (--unet).
+same weights (--unet), and (--step-profile) the time per sampler step against the GPU time of its UNet calls
+(bench/step_profile.py) at k=store_k, grouped and merged, with a torch.profiler kernel summary of a few steps.
 
 Random weights make the attention masks meaningless, so each concept gets a user box (a strip of the image):
 the work per step is what real masks would cost.
 Run on the GPU machine:  python -m bench.generate [--concepts 1 2 5] [--merged-k 2] [--reference] [--unet]
+                         [--step-profile]
 Writes bench/results/<name>_<gpu>.json (--name, default omg: the results of this bench are the omg_* files).
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 
 from bench.common import DTYPES, device_name, time_ms, write_json
 from bench.lora import kohya_lora, random_unet
+from bench.step_profile import StepTimeline, kernel_summary, plain_unet_graph_ms, replay_alone_ms
+from omg import graphs as omg_graphs
 from omg.graphs import GraphedCall
 from omg.lora import bind, load_lora
 from omg.model import SDXL
@@ -54,19 +58,23 @@ def boxes(k: int, size: int = 1024) -> list[tuple[int, int, int, int]]:
     return [(edges[i], 0, edges[i + 1], size) for i in range(k)]
 
 
-def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0, graphs: bool = True,
-        lora_mode: str = "grouped", keep: Optional[dict] = None, crop: Optional[int] = None) -> dict:
+def render(model: SDXL, loras: list, k: int, args, **options):
+    """The bench's image: k concepts, each with a strip of the image as its user mask."""
     concepts = [Concept(CLASSES[i], f"a photo of sks {CLASSES[i]}", lora=loras[i], mask=box)
                 for i, box in enumerate(boxes(k))]
+    return generate(model, PROMPT, concepts, steps=args.steps, blend_steps=args.blend_steps, height=1024,
+                    width=1024, progress=False, **options)
+
+
+def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0, graphs: bool = True,
+        lora_mode: str = "grouped", keep: Optional[dict] = None, crop: Optional[int] = None) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
     graphs = graphs and store == "recompute" and not self_replay  # where generate can run CUDA graphs
-    result = generate(model, PROMPT, concepts, steps=args.steps, blend_steps=args.blend_steps, height=1024,
-                      width=1024, store=store, self_replay_steps=self_replay, progress=False,
-                      cuda_graphs=graphs, lora_mode=lora_mode, concept_crop=crop is not None,
-                      crop_margin=8 if crop is None else crop)
+    result = render(model, loras, k, args, store=store, self_replay_steps=self_replay, cuda_graphs=graphs,
+                    lora_mode=lora_mode, concept_crop=crop is not None, crop_margin=8 if crop is None else crop)
     peak = torch.cuda.max_memory_allocated()
     t = result.timings
     seconds = t["total"]
@@ -110,7 +118,7 @@ def unet_speed(model: SDXL, rounds: int = 3) -> dict:
     ctx = torch.randn(2, 77, 2048, device="cuda", generator=g).to(dtype)
     y = torch.randn(2, 2816, device="cuda", generator=g).to(dtype)
     added = {"text_embeds": y[:, :1280], "time_ids": torch.full((2, 6), 1024.0, device="cuda", dtype=dtype)}
-    graphed = GraphedCall(lambda x_, t_: model.unet(x_, t_, ctx, y))
+    graphed = GraphedCall(lambda x_, t_: model.unet(x_, t_, ctx, y), copy_output=False)  # as the stages run it
     variants = {"omg_cuda_graph": lambda: graphed(x, t), "omg_eager": lambda: model.unet(x, t, ctx, y),
                 "diffusers_eager_sdpa": lambda: theirs(x, t, ctx, added_cond_kwargs=added).sample}
     best = {name: float("inf") for name in variants}
@@ -123,6 +131,117 @@ def unet_speed(model: SDXL, rounds: int = 3) -> dict:
     result["speedup_eager_vs_diffusers"] = round(best["diffusers_eager_sdpa"] / best["omg_eager"], 3)
     print("UNet forward, batch 2, 1024x1024:", result, flush=True)
     return result
+
+
+def step_profile(model: SDXL, loras: list, k: int, args, lora_mode: str = "grouped", window: int = 3) -> dict:
+    """Per sampler step of a warm image (CUDA graphs): GPU ms of the step (event to event between step
+    callbacks), of its graph replays (the UNet calls), their difference (the overhead outside the UNet) and the
+    host ms; each stage's graphs replayed alone and the bare UNet graph at the same batches; the recordings
+    (first call of each graph). With window > 0 a second image runs under torch.profiler for `window` steps of
+    each stage (after a synchronize): the top kernels and the kernel time outside the replays."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    timeline = StepTimeline()
+    with omg_graphs.timed(timeline.hook):  # keep_stage2: stage 2's graphs keep pointers into its weights
+        result = render(model, loras, k, args, cuda_graphs=True, lora_mode=lora_mode, keep_stage2=True,
+                        callback=timeline.callback)
+    torch.cuda.synchronize()
+    profile = dict(k=k, lora_mode=lora_mode, timings={n: round(v, 3) for n, v in result.timings.items()},
+                   stages=timeline.summary())
+    blend_start = args.steps - args.blend_steps
+    for stage, s in profile["stages"].items():
+        calls = timeline.calls(stage)
+        alone = [replay_alone_ms(c) for c in calls]
+        s["unet_alone_ms"] = round(sum(alone), 2)  # the step's graphs, each replayed once, alone
+        s["unet_alone_ms_by_call"] = [dict(rows=c.signature[0][0][0], ms=ms) for c, ms in zip(calls, alone)]
+        by_rows = {c.signature[0][0][0]: c for c in calls}  # one bare graph per batch size
+        s["plain_unet_graph_ms"] = {str(rows): plain_unet_graph_ms(model.unet, c) for rows, c in by_rows.items()}
+        if s["step_ms"]["median"] is not None:
+            s["step_minus_unet_alone_ms"] = round(s["step_ms"]["median"] - s["unet_alone_ms"], 3)
+        # the whole stage against its steady steps: setup, graph recording, the stage-2 steps before the blend
+        total_ms = result.timings[stage] * 1e3
+        counted = args.steps if stage == "stage1" else args.blend_steps
+        s["stage_ms"] = round(total_ms, 1)
+        s["stage_ms_per_step"] = round(total_ms / counted, 2)
+        if s["step_ms"]["median"] is not None:
+            s["stage_ms_beyond_steady_steps"] = round(total_ms - counted * s["step_ms"]["median"], 1)
+    del result, timeline
+    gc.collect()
+    if window > 0:
+        try:
+            profile["kernels"] = profiled_steps(model, loras, k, args, lora_mode, window, blend_start)
+        except Exception as e:  # the profiler is optional: the step figures stand without it
+            profile["kernels"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    for stage, s in profile["stages"].items():
+        print(f"step profile k={k} {lora_mode} {stage}: {s['steps']} steps, step {s['step_ms']['median']} ms, "
+              f"UNet {s['unet_ms']['median']} ms (alone {s['unet_alone_ms']}, bare UNet graph "
+              f"{s['plain_unet_graph_ms']}), overhead {s['overhead_ms']['median']} ms median / "
+              f"{s['overhead_ms']['mean']} mean, host {s['host_ms']['median']} ms; captures "
+              f"{[(c['rows'], c['host_ms']) for c in s['captures']]}; stage {s['stage_ms']} ms "
+              f"({s.get('stage_ms_beyond_steady_steps')} ms beyond its steady steps)", flush=True)
+    for stage, kern in profile.get("kernels", {}).items():
+        if isinstance(kern, dict) and "kernel_ms" in kern:
+            print(f"kernels {stage} over {kern['steps']} steps: {kern['kernel_ms']} ms, in replays "
+                  f"{kern['kernel_in_replays_ms']}, outside {kern['kernel_outside_replays_ms']} "
+                  f"({kern['classified_by']}); top outside: "
+                  f"{[(r['name'][:40], r['outside_graph_ms']) for r in kern['top_outside'][:5]]}", flush=True)
+    return profile
+
+
+def profiled_steps(model: SDXL, loras: list, k: int, args, lora_mode: str, window: int, blend_start: int) -> dict:
+    """torch.profiler over `window` steps of each stage of one more image (stage 1 from step 10, stage 2 from
+    the blend start + 2), each window between synchronizes; kernel_summary of each."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    starts = {"stage1": min(10, args.steps - window - 1), "stage2": blend_start + 2}
+    found: dict = {}
+    state: dict = {}
+    timeline = StepTimeline(annotate=record_function)
+
+    def callback(step) -> None:
+        timeline.callback(step)
+        first = starts.get(step.stage)
+        if step.step == first:
+            torch.cuda.synchronize()
+            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            state["prof"].start()
+            state["mark"] = len(timeline.marks)
+        elif first is not None and step.step == first + window and "prof" in state:
+            torch.cuda.synchronize()
+            prof = state.pop("prof")
+            prof.stop()
+            replays = [m for m in timeline.marks[state["mark"]:] if m.kind == "replay"]
+            summary = kernel_summary(prof)
+            summary["steps"] = window
+            summary["replay_event_ms"] = round(sum(m.start.elapsed_time(m.end) for m in replays), 3)
+            summary["kernel_outside_replays_ms_per_step"] = round(summary["kernel_outside_replays_ms"] / window, 3)
+            found[step.stage] = summary
+
+    with omg_graphs.timed(timeline.hook):
+        render(model, loras, k, args, cuda_graphs=True, lora_mode=lora_mode, callback=callback)
+    if "prof" in state:
+        state.pop("prof").stop()
+    return found
+
+
+def step_summary(profiles: dict, k: int) -> dict:
+    """bench.generate's summary figures of the step profiles (medians of the steady steps, ms)."""
+    out = {}
+    for mode, p in profiles.items():
+        prefix = f"k{k}_" if mode == "grouped" else f"k{k}_{mode}_"
+        for stage, s in p["stages"].items():
+            out[f"{prefix}{stage}_step_ms"] = s["step_ms"]["median"]
+            out[f"{prefix}{stage}_unet_ms"] = s["unet_ms"]["median"]
+            out[f"{prefix}{stage}_unet_alone_ms"] = s["unet_alone_ms"]
+            out[f"{prefix}{stage}_step_overhead_ms"] = s["overhead_ms"]["median"]
+            out[f"{prefix}{stage}_graph_capture_ms"] = round(sum(c["host_ms"] for c in s["captures"]), 1)
+    grouped = profiles.get("grouped")
+    if grouped:  # the figure against issue 19's target: the larger stage's overhead outside the UNet
+        values = [s["overhead_ms"]["median"] for s in grouped["stages"].values() if s["overhead_ms"]["median"]
+                  is not None]
+        if values:
+            out["step_overhead_ms"] = round(max(values), 3)
+    return out
 
 
 def main() -> None:
@@ -143,6 +262,11 @@ def main() -> None:
     parser.add_argument("--crop", type=int, nargs="*", default=[],
                         help="also run k=store_k with concept_crop at these margins (latent pixels), against the exact "
                              "path: time ratio and final-latent PSNR outside and inside the masks")
+    parser.add_argument("--step-profile", action="store_true",
+                        help="time each sampler step against its UNet calls at k=store_k, grouped and (with "
+                             "--merged-k) merged, plus a torch.profiler kernel summary (bench/step_profile.py)")
+    parser.add_argument("--profile-window", type=int, default=3, help="--step-profile: steps under torch.profiler "
+                        "per stage (0: none)")
     parser.add_argument("--name", default="omg", help="JSON name: bench/results/<name>_<gpu>.json")
     args = parser.parse_args()
     model = random_sdxl(DTYPES[args.dtype])
@@ -204,6 +328,12 @@ def main() -> None:
         growth = (by_k[ks[-1]]["peak_gib"] - by_k[ks[0]]["peak_gib"]) / (ks[-1] - ks[0])
         summary["peak_growth_per_concept_gib"] = round(growth, 3)
     extra = {}
+    if args.step_profile:
+        modes = ["grouped"] + (["merged"] if args.merged_k else [])
+        profiles = {mode: step_profile(model, loras, args.store_k, args, mode,
+                                       args.profile_window if mode == "grouped" else 0) for mode in modes}
+        extra["step_profile"] = profiles
+        summary.update(step_summary(profiles, args.store_k))
     if args.unet:
         extra["unet"] = unet_speed(model)
     if args.reference:

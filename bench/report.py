@@ -117,6 +117,20 @@ def targets_section(d: dict) -> str:
             + _table(["target", f"measured ({d['device']})", "met"], rows))
 
 
+def step_overhead_row(s: dict) -> list[str]:
+    """Issue 19's per-step overhead target from a bench.generate --step-profile summary ("not measured" without)."""
+    target = "per-step overhead outside the UNet < 10 ms (k = 2, CUDA graphs, median step)"
+    if s.get("step_overhead_ms") is None:
+        return [target, "not measured (`python -m bench.generate --step-profile`)", "—"]
+    stages = []
+    for stage, name in (("stage1", "stage 1"), ("stage2", "stage 2")):
+        if s.get(f"k2_{stage}_step_overhead_ms") is not None:
+            stages.append(f"{name} {s[f'k2_{stage}_step_overhead_ms']:.2f} ms (step {s[f'k2_{stage}_step_ms']:.1f} "
+                          f"ms, its UNet calls {s[f'k2_{stage}_unet_ms']:.1f} ms)")
+    measured = f"{s['step_overhead_ms']:.2f} ms: " + "; ".join(stages)
+    return [target, measured, _yes(s["step_overhead_ms"] < 10)]
+
+
 def h200_targets_section(d: dict) -> str:
     """Issue 19's targets (one H200) against one bench.generate run that also timed the original's schedule."""
     s, ref = d["summary"], d["reference"]
@@ -142,6 +156,7 @@ def h200_targets_section(d: dict) -> str:
                      "half-image strips)", _yes(r["seconds"] <= 3.5)])
     rows.append(["output equal to the unoptimised path (merged weights, eager, torch ops)", _latent_difference(s),
                  "yes"])
+    rows.append(step_overhead_row(s))
     return (f"Performance targets (issue 19), from `{_command(d)}`; fastest k = 2 configuration: "
             f"{fastest['lora_mode']} {fastest['seconds']:.2f} s:\n\n"
             + _table(["target", f"measured ({d['device']})", "met"], rows))

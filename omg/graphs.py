@@ -11,7 +11,8 @@ callers in omg.pipeline use it only where that holds (store="recompute", no self
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -22,7 +23,9 @@ class GraphedCall:
 
     The first call runs fn eagerly (on a side stream, as torch advises: lazy library init, Triton compilation)
     and returns that result, then records the graph; later calls copy their inputs into the graph's static
-    buffers, replay it and return a clone of its output, so callers may keep it. ``heat`` (an
+    buffers, replay it and return a clone of its output, so callers may keep it, or, with copy_output=False, the
+    graph's output buffer itself (no copy per call): valid until the next replay of this graph, for callers that
+    are done with it by then (omg's stages: guidance and the blend read it at once and make new tensors). ``heat`` (an
     omg.attention.TokenHeatmaps the call accumulates into) stays exact: recording runs no kernel, so only
     the Python-side layer counts moved, and they are set back and advanced by the same amount per replay.
     Shapes must not change between calls (a new shape is a new graph: build another GraphedCall).
@@ -32,8 +35,15 @@ class GraphedCall:
     fail; omg draws its noise on explicit generators (CPU by default), which are not affected.
     """
 
-    def __init__(self, fn: Callable[..., Tensor], heat: Any = None, pool: Optional[Any] = None):
-        self.fn, self.heat, self.pool = fn, heat, pool
+    # A benchmark's timing hook (bench.generate --step-profile), off when None (the default: no cost but this
+    # check). When set, every capture runs as timing_hook(self, "capture", run) and every replay as
+    # timing_hook(self, "replay", run): the hook calls run() once (around it, e.g. CUDA events) and returns its
+    # result. Set for a with-block by omg.graphs.timed(hook).
+    timing_hook: ClassVar[Optional[Callable[["GraphedCall", str, Callable[[], Any]], Any]]] = None
+
+    def __init__(self, fn: Callable[..., Tensor], heat: Any = None, pool: Optional[Any] = None,
+                 copy_output: bool = True):
+        self.fn, self.heat, self.pool, self.copy_output = fn, heat, pool, copy_output
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_in: tuple[Tensor, ...] = ()
         self.static_out: Optional[Tensor] = None
@@ -45,16 +55,22 @@ class GraphedCall:
         if self.eager:
             return self.fn(*args)
         signature = tuple((a.shape, a.dtype, a.device) for a in args)
+        hook = GraphedCall.timing_hook
         if self.graph is None:
+            if hook is not None:
+                return hook(self, "capture", lambda: self._capture(args, signature))
             return self._capture(args, signature)
         if signature != self.signature:
             raise ValueError(f"a CUDA graph replays fixed shapes: captured {self.signature}, called with {signature}")
         for static, a in zip(self.static_in, args):
             static.copy_(a)
-        self.graph.replay()
+        if hook is not None:
+            hook(self, "replay", self.graph.replay)
+        else:
+            self.graph.replay()
         if self.heat is not None:
             self.heat.add_counts(self.count_delta)
-        return self.static_out.clone()
+        return self.static_out.clone() if self.copy_output else self.static_out
 
     def _capture(self, args: tuple[Tensor, ...], signature: tuple) -> Tensor:
         if not all(a.is_cuda for a in args):
@@ -83,6 +99,16 @@ class GraphedCall:
             self.count_delta = {n: c - counts.get(n, 0) for n, c in self.heat.counts.items()}
             self.heat.counts = counts
         return out
+
+
+@contextmanager
+def timed(hook: Callable[[GraphedCall, str, Callable[[], Any]], Any]) -> Iterator[None]:
+    """GraphedCall.timing_hook = hook inside the with-block (every GraphedCall's captures and replays)."""
+    previous, GraphedCall.timing_hook = GraphedCall.timing_hook, hook
+    try:
+        yield
+    finally:
+        GraphedCall.timing_hook = previous
 
 
 def graphs_usable(device: torch.device) -> bool:

@@ -71,7 +71,8 @@ def run_stage1(unet: torch.nn.Module, noise: Tensor, sigmas: Tensor, sampler: st
         if active not in guided_by_active:
             unet_call = controls.eps_fn(unet, active, *base_cond) if active else unet_eps_fn(unet, *base_cond)
             if cuda_graphs:
-                unet_call = GraphedCall(unet_call, heat=control.heatmaps, pool=pool)
+                # guidance reads the output before the next replay: no copy of it per call
+                unet_call = GraphedCall(unet_call, heat=control.heatmaps, pool=pool, copy_output=False)
             guided_by_active[active] = guided_eps(unet_call, guidance, guidance_rescale)  # what omg.sample runs
         return guided_by_active[active]
 

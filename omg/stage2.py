@@ -218,9 +218,11 @@ class BlendedEps:
     def _blend(self, index: int, x: Tensor, t: Tensor) -> Tensor:
         t = t.reshape(-1)[:1]
         control, rows, n = self.record.control, self.rows, self.images
+        size = tuple(x.shape[-2:])
         base_x = [x, self.record.latents[index], x] if rows.with_source else [x, x]
-        base: tuple[Tensor, ...] = ()
-        concept_eps: dict[int, tuple[Tensor, ...]] = {}
+        base = x  # replaced by the base pass's rows
+        # each pass's concept rows as (concepts, 2, images, C, h, w): [uncond x images; cond x images] per concept
+        blocks: list[tuple[tuple[int, ...], Tensor]] = []
         acting = self.controls.active(self.schedule.calls[index].step) if self.controls is not None else ()
         for p, cond in zip(self.passes, self.conds):
             control.set_call("replay" if p.base and self.replay else "plain", index, rows)
@@ -232,24 +234,36 @@ class BlendedEps:
             control_rows = batch.shape[0] if self.control_concepts else rows.rows if p.base else 0
             out = self._unet(batch, t, cond, p.role, acting if control_rows else (), control_rows)
             if crop is not None:
-                out = tuple(crop.paste(o, tuple(x.shape[-2:])) for o in out)
+                out = crop.paste(out, size)
             if p.base:
                 base, out = out[:rows.rows], out[rows.rows:]
-            for j, concept in enumerate(p.concepts):
-                concept_eps[concept] = out[2 * n * j:2 * n * (j + 1)]
+            blocks.append((p.concepts, out.view(len(p.concepts), 2, n, *out.shape[1:])))
         control.set_call("plain")
         eps = []
         for b in range(n):  # each image with its own masks and the concepts found in it
             found = self.present[b]
-            base_u, base_c = base[rows.uncond.start + b], base[rows.cond.start + b]
-            pairs = [(concept_eps[j][b], concept_eps[j][n + b]) for j in found]
-            masks = self.masks[b][found]
+            base_u = base[rows.uncond.start + b:rows.uncond.start + b + 1]
+            base_c = base[rows.cond.start + b:rows.cond.start + b + 1]
+            concepts = self._concept_rows(blocks, found, b)
+            masks = self.masks[b] if found == list(range(self.masks.shape[1])) else self.masks[b][found]
             if self.guidance_rescale:  # the kernel blends; the rescale needs the blended halves
-                eps_u, eps_c = kernels.blend_eps(base_u, base_c, pairs, masks)
+                eps_u, eps_c = kernels.blend_eps(base_u, base_c, concepts, masks)
                 eps.append(apply_guidance(eps_u, eps_c, self.guidance, self.guidance_rescale))
             else:
-                eps.append(kernels.blend_guided(base_u, base_c, pairs, masks, self.guidance))
-        return torch.cat(eps)
+                eps.append(kernels.blend_guided(base_u, base_c, concepts, masks, self.guidance))
+        return eps[0] if n == 1 else torch.cat(eps)
+
+    @staticmethod
+    def _concept_rows(blocks: Sequence[tuple[tuple[int, ...], Tensor]], found: Sequence[int],
+                      image: int) -> "kernels.ConceptEps":
+        """Image `image`'s [uncond, cond] rows of the concepts `found`, in order, for kernels.blend_*: a view of the
+        UNet output (k, 2, C, h, w) when they are one pass's concepts and the batch has one image (the grouped
+        call's usual case: no copy), else a list of (2, C, h, w) views that the blend stacks."""
+        for concepts, rows in blocks:
+            if rows.shape[2] == 1 and concepts == tuple(found):
+                return rows[:, :, 0]
+        by_concept = {j: rows[i] for concepts, rows in blocks for i, j in enumerate(concepts)}
+        return [by_concept[j][:, image] for j in found]
 
     def _forward(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role, acting: tuple[int, ...] = (),
                  control_rows: int = 0) -> Tensor:
@@ -266,18 +280,21 @@ class BlendedEps:
             return self.unet(x, t, *cond, control=residuals)
 
     def _unet(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role, acting: tuple[int, ...] = (),
-              control_rows: int = 0) -> tuple[Tensor, ...]:
+              control_rows: int = 0) -> Tensor:
         """One UNet call under the role's weights (and the acting ControlNets' residuals on its first control_rows
-        rows), as its rows (1, C, h, w) in fp32."""
+        rows): its output (rows, C, h, w) in fp32."""
         self.evaluations += x.shape[0]
-        x, t = x.to(self.dtype), t.expand(x.shape[0])
+
+        def forward(x_: Tensor, t_: Tensor) -> Tensor:  # x (rows, C, h, w) fp32, t (1,)
+            return self._forward(x_.to(self.dtype), t_.expand(x_.shape[0]), cond, role, acting, control_rows).float()
         if not self.cuda_graphs:
-            return self._forward(x, t, cond, role, acting, control_rows).float().chunk(x.shape[0])
+            return forward(x, t)
         key = (role, acting, control_rows)
         call = self.graphs.get(key)
         if call is None:
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()  # the roles run one after another: one pool
-            call = self.graphs[key] = GraphedCall(
-                lambda x_, t_: self._forward(x_, t_, cond, role, acting, control_rows), pool=self.graph_pool)
-        return call(x, t.contiguous()).float().chunk(x.shape[0])
+            # the casts run inside the graph; the blend reads the output before this graph's next replay (each
+            # role's graph replays once per blending call): no copy of it
+            call = self.graphs[key] = GraphedCall(forward, pool=self.graph_pool, copy_output=False)
+        return call(x, t)

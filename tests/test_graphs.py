@@ -67,3 +67,20 @@ def test_a_call_that_cannot_be_captured_runs_eagerly_with_a_warning():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_call_copies_its_output_unless_told_not_to():
+    """By default a replay returns a copy the caller may keep; copy_output=False (omg's stages, which read it at
+    once) returns the graph's output buffer itself, overwritten by the next replay."""
+    from omg.graphs import GraphedCall
+
+    x = torch.arange(4.0, device="cuda")
+    kept, shared = GraphedCall(lambda a: a * 2), GraphedCall(lambda a: a * 2, copy_output=False)
+    for call in (kept, shared):
+        call(x)  # the eager first call and the recording
+    a, b = kept(x), kept(x + 1)
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, x * 2) and torch.equal(b, (x + 1) * 2)
+    a, b = shared(x), shared(x + 1)
+    assert a.data_ptr() == b.data_ptr() == shared.static_out.data_ptr() and torch.equal(a, (x + 1) * 2)

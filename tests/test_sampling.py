@@ -107,6 +107,27 @@ def test_sampling_sigmas_ends():
 
 # ------------------------------------------------------------------------------------------- DDIM vs diffusers
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("to_zero", [False, True])
+def test_deterministic_ddim_lands_on_the_next_sigma_exactly(dtype, to_zero):
+    """eta = 0 skips the sigma_up / sigma_down kernels: sqrt(land^2 - 0^2) is land exactly in binary floating point,
+    so the step is x0 + sigma_next * eps, bit for bit, the formula with eta's terms computed."""
+    from omg.sampling import sample_ddim
+    sigmas = SCHEDULE.sampling_sigmas(30, to_zero=to_zero).to(dtype)
+    land = sigmas[1:]
+    assert torch.equal((land ** 2 - (0.0 * land) ** 2).sqrt(), land)
+    eps_fn = make_eps_fn()
+    model = EpsDenoiser(lambda x, t: eps_fn(x.double(), t).to(x.dtype), SCHEDULE)
+    x0 = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(3), dtype=dtype) * sigmas[0]
+    x = x0
+    for i in range(len(sigmas) - 1):  # the eq. 12 step with eta's terms written out (eta = 0)
+        sigma, nxt = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * x.new_ones([x.shape[0]]))
+        up = (0.0 * nxt * (1 - (nxt / sigma) ** 2).sqrt()).clamp(max=nxt)
+        x = denoised + (nxt ** 2 - up ** 2).sqrt() * ((x - denoised) / sigma)
+    assert torch.equal(sample_ddim(model, x0, sigmas, disable=True), x)
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_equals_diffusers_step_by_step(spacing, eta):
