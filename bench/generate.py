@@ -4,13 +4,14 @@ replay store's size, for each replay store mode.
 
 Also, in the same process: the original code's schedule (bench/reference.py) at k=2 (--reference), the
 UNet forward at batch 2 as the sampler runs it (a CUDA graph) against diffusers' eager SDPA forward with the
-same weights (--unet), and (--step-profile) the time per sampler step against the GPU time of its UNet calls
-(bench/step_profile.py) at k=store_k, grouped and merged, with a torch.profiler kernel summary of a few steps.
+same weights (--unet), (--step-profile) the time per sampler step against the GPU time of its UNet calls
+(bench/step_profile.py) at k=store_k, grouped and merged, with a torch.profiler kernel summary of a few steps, and
+(--fp8) the fast mode fp8 against the exact path, and the graphed batch-7 UNet forward with and without it.
 
 Random weights make the attention masks meaningless, so each concept gets a user box (a strip of the image):
 the work per step is what real masks would cost.
 Run on the GPU machine:  python -m bench.generate [--concepts 1 2 5] [--merged-k 2] [--reference] [--unet]
-                         [--step-profile]
+                         [--step-profile] [--fp8]
 Writes bench/results/<name>_<gpu>.json (--name, default omg: the results of this bench are the omg_* files).
 """
 from __future__ import annotations
@@ -67,18 +68,19 @@ def render(model: SDXL, loras: list, k: int, args, **options):
 
 
 def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0, graphs: bool = True,
-        lora_mode: str = "grouped", keep: Optional[dict] = None, crop: Optional[int] = None) -> dict:
+        lora_mode: str = "grouped", keep: Optional[dict] = None, crop: Optional[int] = None, fp8: bool = False) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
     graphs = graphs and store == "recompute" and not self_replay  # where generate can run CUDA graphs
     result = render(model, loras, k, args, store=store, self_replay_steps=self_replay, cuda_graphs=graphs,
-                    lora_mode=lora_mode, concept_crop=crop is not None, crop_margin=8 if crop is None else crop)
+                    lora_mode=lora_mode, concept_crop=crop is not None, crop_margin=8 if crop is None else crop,
+                    fp8=fp8)
     peak = torch.cuda.max_memory_allocated()
     t = result.timings
     seconds = t["total"]
-    row = dict(k=k, store=store, self_replay_steps=self_replay, lora_mode=lora_mode, crop_margin=crop,
+    row = dict(k=k, store=store, self_replay_steps=self_replay, lora_mode=lora_mode, crop_margin=crop, fp8=fp8,
                triton=os.environ.get("OMG_DISABLE_TRITON") != "1",
                cuda_graphs=graphs, seconds=round(seconds, 3), timings={n: round(v, 3) for n, v in t.items()},
                unet_evaluations=result.unet_evaluations, peak_gib=round(peak / 2**30, 2),
@@ -86,9 +88,11 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
                store_gib=round(result.store_bytes / 2**30, 3),
                utilisation=round(result.unet_evaluations * TFLOP_PER_EVAL / seconds / H100_BF16_DENSE, 3))
     if keep is not None:
-        keep[(k, store, self_replay, graphs, lora_mode) + (() if crop is None else ("crop",))] = result.latent
+        keep[(k, store, self_replay, graphs, lora_mode) + (() if crop is None else ("crop",))
+             + (("fp8",) if fp8 else ())] = result.latent
         keep[("masks", k)] = result.masks
-    print(f"k={k} {lora_mode} store={store:9s} self-replay {self_replay} graphs {row['cuda_graphs']:d}: "
+    print(f"k={k} {lora_mode}{' fp8' if fp8 else ''} store={store:9s} self-replay {self_replay} "
+          f"graphs {row['cuda_graphs']:d}: "
           f"{seconds:6.2f} s (stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
           f"stage2 {t['stage2']:.2f}, decode {t['decode'] + t['decode_stage1']:.2f}, setup {t['setup']:.2f}); "
           f"{result.unet_evaluations} evals; peak {row['peak_gib']:.2f} GiB; store {row['store_gib']:.2f} GiB; "
@@ -244,6 +248,34 @@ def step_summary(profiles: dict, k: int) -> dict:
     return out
 
 
+def unet_fp8_speed(model: SDXL, batch: int = 7, rounds: int = 3) -> dict:
+    """ms per forward at stage 2's batch (7 rows at k = 2), replayed as a CUDA graph, 16-bit and with fp8 Linear
+    layers (omg.fp8); best of interleaved rounds."""
+    from omg.fp8 import fp8_linears
+    dtype = next(model.unet.parameters()).dtype
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, 4, 128, 128, device="cuda", generator=g).to(dtype)
+    t = torch.full((batch,), 500.0, device="cuda")
+    ctx = torch.randn(batch, 77, 2048, device="cuda", generator=g).to(dtype)
+    y = torch.randn(batch, 2816, device="cuda", generator=g).to(dtype)
+    exact = GraphedCall(lambda x_, t_: model.unet(x_, t_, ctx, y))
+    fast = GraphedCall(lambda x_, t_: model.unet(x_, t_, ctx, y))
+    best = {"exact": float("inf"), "fp8": float("inf")}
+    with torch.no_grad():
+        for _ in range(rounds):
+            best["exact"] = min(best["exact"], time_ms(lambda: exact(x, t), warmup=3, iters=10))
+            with fp8_linears(model.unet):
+                best["fp8"] = min(best["fp8"], time_ms(lambda: fast(x, t), warmup=3, iters=10))
+        out_exact = exact(x, t).float()
+        with fp8_linears(model.unet):
+            out_fp8 = fast(x, t).float()
+    cos = torch.nn.functional.cosine_similarity(out_exact.flatten(), out_fp8.flatten(), dim=0).item()
+    result = {f"batch{batch}_graph_ms": round(best["exact"], 2), f"batch{batch}_graph_fp8_ms": round(best["fp8"], 2),
+              "speedup_fp8": round(best["exact"] / best["fp8"], 3), "eps_cosine_fp8_vs_exact": round(cos, 5)}
+    print(f"UNet forward, batch {batch}, 1024x1024, CUDA graph:", result, flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concepts", type=int, nargs="+", default=[1, 2, 5])
@@ -267,6 +299,9 @@ def main() -> None:
                              "--merged-k) merged, plus a torch.profiler kernel summary (bench/step_profile.py)")
     parser.add_argument("--profile-window", type=int, default=3, help="--step-profile: steps under torch.profiler "
                         "per stage (0: none)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also run k=store_k with fp8=True (e4m3 Linear layers) against the exact path: time "
+                             "ratio and final-latent PSNR; and the graphed UNet forward at batch 7 with and without")
     parser.add_argument("--name", default="omg", help="JSON name: bench/results/<name>_<gpu>.json")
     args = parser.parse_args()
     model = random_sdxl(DTYPES[args.dtype])
@@ -290,7 +325,7 @@ def main() -> None:
     if args.self_replay:
         rows.append(run(model, loras, args.store_k, "recompute", args, self_replay=args.self_replay))
     default = lambda r: (r["store"] == "recompute" and not r["self_replay_steps"]  # noqa: E731
-                         and r["lora_mode"] == "grouped")
+                         and r["lora_mode"] == "grouped" and not r["fp8"])
     by_k = {r["k"]: r for r in rows if default(r) and r["cuda_graphs"]}
     summary = {f"k{r['k']}_eager_over_graphs": round(r["seconds"] / by_k[r["k"]]["seconds"], 3) for r in rows
                if not r["cuda_graphs"] and default(r) and r["k"] in by_k}
@@ -314,6 +349,17 @@ def main() -> None:
         summary[f"k{k}_crop{margin}_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
         for where, sel in (("outside", ~inside), ("inside", inside)):
             summary[f"k{k}_crop{margin}_latent_psnr_{where}_db"] = latent_psnr(cropped[..., sel], exact[..., sel])
+    if args.fp8:  # the fast mode against the exact path (the default row at the same k)
+        k = args.store_k
+        row = run(model, loras, k, "recompute", args, keep=latents, fp8=True)
+        rows.append(row)
+        fast, exact = latents[(k, "recompute", 0, True, "grouped", "fp8")], latents[(k, "recompute", 0, True,
+                                                                                       "grouped")]
+        inside = latents[("masks", k)].sum(0) > 0
+        summary[f"k{k}_fp8_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
+        summary[f"k{k}_fp8_latent_psnr_db"] = latent_psnr(fast, exact)
+        for where, sel in (("outside", ~inside), ("inside", inside)):
+            summary[f"k{k}_fp8_latent_psnr_{where}_db"] = latent_psnr(fast[..., sel], exact[..., sel])
     summary[f"k{args.store_k}_cold_s"] = cold["seconds"]
     summary["lora_make_and_load_s_per_concept"] = round(lora_seconds, 3)
     if args.store_k in by_k:
@@ -336,6 +382,8 @@ def main() -> None:
         summary.update(step_summary(profiles, args.store_k))
     if args.unet:
         extra["unet"] = unet_speed(model)
+    if args.fp8:
+        extra["unet_fp8"] = unet_fp8_speed(model)
     if args.reference:
         del model, loras, latents
         gc.collect()

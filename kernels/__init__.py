@@ -1,7 +1,8 @@
 """Triton kernels for OMG, each beside its PyTorch reference, and the dispatch between them.
 
 Modules: kernels.cross_attention (fused short-key attention: plain, capture, replay), kernels.blend,
-kernels.norm and kernels.ffn (the UNet's GroupNorm(+SiLU) and GEGLU, fused).
+kernels.norm and kernels.ffn (the UNet's GroupNorm(+SiLU) and GEGLU, fused), kernels.fp8 (e4m3 matmuls with
+per-row scales: the activations' quantisation fused).
 
 The functions here call the custom ops of kernels.ops (torch.ops.omg.*, which torch.compile traces as single
 nodes): each runs the Triton kernel when every tensor is on CUDA, triton imports, the kernel supports the
@@ -18,6 +19,8 @@ autograd (a tensor needs a gradient) the references run directly, as the kernels
     group_norm(x, groups, weight, bias, eps, shift, silu)      silu(GroupNorm(x + shift)), two passes
     norm_act(norm, x, shift, silu)                             the same for an nn.GroupNorm
     geglu(h)                                                   a · gelu(g) of h = [a, g] in one pass
+    quantize_rows(x)                                           (e4m3 x / scale, scale = row amax / 448), one pass
+    fp8_linear(x, w_q, w_scale, bias)                          x wᵀ + b as an e4m3 GEMM (w from quantize_weight)
 """
 from __future__ import annotations
 
@@ -36,13 +39,15 @@ from kernels.cross_attention import (LOG8_STEP, MAP_FORMATS, Captured, capture_m
                                      cross_attention_reference, decode_maps, encode_maps, replay_maps_reference,
                                      replay_reference, supports)
 from kernels.ffn import geglu_reference
+from kernels.fp8 import fp8_matmul, fp8_matmul_reference, quantize_rows_reference, quantize_weight
 from kernels.norm import group_norm_reference
 
 __all__ = ["HAS_TRITON", "LOG8_STEP", "MAP_FORMATS", "Captured", "use_triton", "supports", "attention", "capture",
            "capture_maps", "replay", "replay_maps", "blend_guided", "blend_eps", "decode_maps", "encode_maps",
            "cross_attention_reference", "capture_reference", "capture_maps_reference", "replay_reference",
            "replay_maps_reference", "blend_guided_reference", "blend_eps_reference", "group_norm", "norm_act", "geglu",
-           "group_norm_reference", "geglu_reference"]
+           "group_norm_reference", "geglu_reference", "quantize_rows", "quantize_rows_reference", "quantize_weight",
+           "fp8_linear", "fp8_matmul", "fp8_matmul_reference"]
 
 
 def use_triton(*tensors: Optional[Tensor]) -> bool:
@@ -159,3 +164,16 @@ def geglu(h: Tensor) -> Tensor:
 def norm_act(norm: torch.nn.GroupNorm, x: Tensor, shift: Optional[Tensor] = None, silu: bool = True) -> Tensor:
     """silu(norm(x + shift[:, :, None, None])) for an nn.GroupNorm `norm` (shift and silu optional)."""
     return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift, silu)
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (M, K) -> (x_q (M, K) float8_e4m3fn, scale (M, 1) fp32) with x ≈ x_q · scale, scale = row amax / 448."""
+    return torch.ops.omg.quantize_fp8_rows(x)
+
+
+def fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x (..., K) @ wᵀ + bias in e4m3 with per-token and per-output-channel scales, in x's dtype; (w_q, w_scale) from
+    quantize_weight(w). torch._scaled_mm on sm89+ GPUs, elsewhere the dequantised formulation (fp32)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x_q, x_scale = quantize_rows(x2)
+    return fp8_matmul(x_q, x_scale, w_q, w_scale, bias, x.dtype).reshape(*x.shape[:-1], w_q.shape[0])

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from kernels import cross_attention as _ca
 from kernels import ffn as _ffn
+from kernels import fp8 as _fp8
 from kernels import norm as _norm
 from kernels._triton import HAS_TRITON
 
@@ -85,6 +86,21 @@ def geglu(h: Tensor) -> Tensor:
 @geglu.register_fake
 def _(h: Tensor) -> Tensor:
     return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+
+# ------------------------------------------------------------------------------------------------ FP8
+
+@torch.library.custom_op("omg::quantize_fp8_rows", mutates_args=())
+def quantize_fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_q e4m3 (M, K), scale fp32 (M, 1)) of x (M, K): each row scaled by its amax / 448."""
+    if runs_triton(x) and x.dtype != torch.float64 and x.shape[-1] <= _fp8.BLOCK:
+        return _fp8.quantize_rows_triton(x)
+    return _fp8.quantize_rows_reference(x)
+
+
+@quantize_fp8_rows.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=_fp8.E4M3), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- attention

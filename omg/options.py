@@ -82,6 +82,9 @@ class OMGOptions:
                                         "crop_margin (omg.crop), not on the whole latent", parse=bool)
     crop_margin: int = _option(8, "concept_crop: latent pixels around each mask's box (widened to the UNet's "
                                   "downsampling multiple)", parse=int)
+    fp8: bool = _option(False, "fast mode: e4m3 matmuls for the base UNet's transformer Linear layers (per-token and "
+                               "per-channel scales, omg.fp8; torch._scaled_mm on sm89+ GPUs, elsewhere the dequantised "
+                               "formulation); LoRA deltas, convolutions and embeddings stay 16-bit", parse=bool)
     # -- spatial conditions and style -------------------------------------------------------------------------
     control: tuple[Control, ...] = _option((), "ControlNets 'IMAGE@CONTROLNET[:scale]' (IMAGE canny=PHOTO: its edges), "
                                                "feeding stage 1 and stage 2's base pass (omg.Control)", many=True)

@@ -28,6 +28,7 @@ from omg.concept_weights import GroupedWeights, MergedWeights, StageTwoWeights
 from omg.control import ControlStack, check_controls
 from omg.errors import LoraError, OptionError, SamplingError
 from omg.faces import FaceError, check_face_source, detect_faces
+from omg.fp8 import fp8_linears
 from omg.instantid import FacePasses, check_instantid, load_faces, load_instantid
 from omg.graphs import graphs_usable
 from omg.inputs import check_model
@@ -109,7 +110,9 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
     faces = {i: f for i, f in zip([i for i, c in enumerate(concepts) if c.face is not None],
                                   load_faces([c.face for c in concepts if c.face is not None], options.face_models))}
     instantid = load_instantid(options.face_adapter, options.identitynet, model.unet) if faces else None
-    with style_merged(model.unet, styles), (instantid.adapter.installed(model.unet) if instantid else nullcontext()):
+    # fp8: the styled weights quantised on entry, before any CUDA graph is recorded (omg.fp8)
+    with style_merged(model.unet, styles), fp8_linears(model.unet, options.fp8), \
+            (instantid.adapter.installed(model.unet) if instantid else nullcontext()):
         return _generate(model, prompt, concepts, loras, styles, options, inputs, timer, noise, callback,
                          (instantid, faces))
 

@@ -1,7 +1,8 @@
 """The SDXL UNet, written from scratch with the parameter names of the SGM single-file layout.
 
 Every attention layer is addressable by its SGM module path (``input_blocks.4.1.transformer_blocks.0.attn2``)
-and can be given a processor, which is how the OMG sampler captures and replays cross-attention.
+and can be given a processor, which is how the OMG sampler captures and replays cross-attention. The transformers'
+Linear layers are omg.fp8.Linear (nn.Linear that can run in e4m3 under omg.fp8.fp8_linears: the `fp8` option).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 import kernels
 from omg.errors import ModelError, UnknownLayerError
+from omg.fp8 import Linear
 
 # processor(layer, x, context) -> output of the layer (after to_out); context is None for self-attention.
 AttentionProcessor = Callable[["Attention", Tensor, Optional[Tensor]], Tensor]
@@ -107,10 +109,10 @@ class Attention(nn.Module):
         self.heads = heads
         self.is_cross = context_dim is not None
         context_dim = context_dim or dim
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim, dim, bias=False)
+        self.to_v = Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([Linear(dim, dim)])
         self.path = ""
         self.processor: Optional[AttentionProcessor] = None
         # an additive branch (omg.ip_adapter's decoupled cross-attention): extra(layer, x, out) -> out
@@ -137,7 +139,7 @@ class Attention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, 2 * dim_out)
+        self.proj = Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
         return kernels.geglu(self.proj(x))  # x · gelu(gate) of the two halves, one pass on CUDA
@@ -147,7 +149,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # index 1 is SGM's dropout; kept as a placeholder so the keys read ff.net.0 / ff.net.2
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), Linear(mult * dim, dim)])
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.net:
@@ -175,10 +177,10 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels)
+        self.proj_in = Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(channels, heads, context_dim) for _ in range(depth)])
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = Linear(channels, channels)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape

@@ -1,9 +1,9 @@
 """Triton kernels (kernels/) against their PyTorch references.
 
 CPU: the Triton kernels run under TRITON_INTERPRET=1 in a child pytest process (`test_interpreted_kernels`
-runs this file's and test_unet_kernels.py's `test_interp_*` there): triton picks the interpreter when it decorates a
-kernel, which may already have happened in this process, and the setting must not leak into GPU runs. Tiny shapes,
-~10 s.
+runs the `test_interp_*` of this file, test_unet_kernels.py, test_compile.py and test_fp8.py there): triton picks
+the interpreter when it decorates a kernel, which may already have happened in this process, and the setting must
+not leak into GPU runs. Tiny shapes, ~10 s.
 The references are checked against omg.attention / omg.pipeline semantics in-process.
 GPU (-m gpu): SDXL shapes (64x64 layer N=4096 h=10, 32x32 layer N=1024 h=20), batch 2 and 12, fp16 and bf16.
 
@@ -85,7 +85,8 @@ def test_interpreted_kernels():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("OMG_DISABLE_TRITON", None)
     here = os.path.dirname(os.path.abspath(__file__))
-    files = [os.path.abspath(__file__)] + [os.path.join(here, f) for f in ("test_unet_kernels.py", "test_compile.py")]
+    files = [os.path.abspath(__file__)] + [os.path.join(here, f) for f in ("test_unet_kernels.py", "test_compile.py",
+                                                                          "test_fp8.py")]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
                              "-k", "interp_", "-m", "not gpu"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=900)

@@ -442,3 +442,19 @@ def test_fast_modes_compare_the_crop_mode_with_omg_on_the_same_seeds():
     assert out["omg_crop_outside_psnr_vs_omg_db"]["mean"] == 45.0  # records without outside pixels are left out
     assert out["omg_crop_outside_psnr_vs_omg_db"]["min"] == 40.0
     assert fast_modes([{k: v for k, v in r.items()} | {"methods": {"omg": r["methods"]["omg"]}} for r in records]) == {}
+
+
+def test_fast_modes_compare_the_fp8_mode_with_omg_on_the_same_seeds():
+    from bench.quality import FAST_MODE_OPTIONS, fast_modes
+
+    assert FAST_MODE_OPTIONS["omg_fp8"] == {"fp8": True}
+    pair = ("sks_ball", "bnha_box")
+    records = [{"pair": "+".join(pair), "seed": s,
+                "methods": {m: {c: {"identity": v} for c, v in zip(pair, ids)} for m, ids in (("omg", (0.9, 0.8)),
+                                                                                            ("omg_fp8", fp8_ids))},
+                "layout": {"fp8_psnr_vs_omg": psnr, "fp8_outside_psnr_vs_omg": psnr + 2}}
+               for s, fp8_ids, psnr in ((0, (0.9, 0.7), 30.0), (1, (0.8, 0.8), 40.0))]
+    out = fast_modes(records)
+    assert "n_images" not in out and out["omg_fp8_n_images"] == 2  # no crop records: no crop keys
+    assert out["omg_fp8_minus_omg_identity"][0] == pytest.approx(-0.05, abs=1e-4)
+    assert out["omg_fp8_psnr_vs_omg_db"]["mean"] == 35.0 and out["omg_fp8_outside_psnr_vs_omg_db"]["min"] == 32.0
