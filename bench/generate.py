@@ -339,27 +339,23 @@ def main() -> None:
         summary[f"k{k}_final_latent_vs_unoptimised_max_abs_diff"] = round(diff.abs().max().item(), 5)
         summary[f"k{k}_final_latent_vs_unoptimised_rms_diff"] = round(diff.pow(2).mean().sqrt().item(), 6)
         summary[f"k{k}_final_latent_max_abs"] = round(ref.abs().max().item(), 3)
-    for margin in args.crop:  # the fast mode against the exact path (the default row at the same k)
+    def fast_mode(label: str, tag: str, **mode) -> None:  # a fast mode against the exact path (default row, same k)
         k = args.store_k
-        row = run(model, loras, k, "recompute", args, keep=latents, crop=margin)
+        row = run(model, loras, k, "recompute", args, keep=latents, **mode)
         rows.append(row)
-        cropped, exact = latents[(k, "recompute", 0, True, "grouped", "crop")], latents[(k, "recompute", 0, True,
-                                                                                           "grouped")]
+        exact = latents[(k, "recompute", 0, True, "grouped")]
+        fast = latents[(k, "recompute", 0, True, "grouped", tag)]
         inside = latents[("masks", k)].sum(0) > 0
-        summary[f"k{k}_crop{margin}_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
+        summary[f"k{k}_{label}_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
+        if tag == "fp8":
+            summary[f"k{k}_{label}_latent_psnr_db"] = latent_psnr(fast, exact)
         for where, sel in (("outside", ~inside), ("inside", inside)):
-            summary[f"k{k}_crop{margin}_latent_psnr_{where}_db"] = latent_psnr(cropped[..., sel], exact[..., sel])
-    if args.fp8:  # the fast mode against the exact path (the default row at the same k)
-        k = args.store_k
-        row = run(model, loras, k, "recompute", args, keep=latents, fp8=True)
-        rows.append(row)
-        fast, exact = latents[(k, "recompute", 0, True, "grouped", "fp8")], latents[(k, "recompute", 0, True,
-                                                                                       "grouped")]
-        inside = latents[("masks", k)].sum(0) > 0
-        summary[f"k{k}_fp8_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
-        summary[f"k{k}_fp8_latent_psnr_db"] = latent_psnr(fast, exact)
-        for where, sel in (("outside", ~inside), ("inside", inside)):
-            summary[f"k{k}_fp8_latent_psnr_{where}_db"] = latent_psnr(fast[..., sel], exact[..., sel])
+            summary[f"k{k}_{label}_latent_psnr_{where}_db"] = latent_psnr(fast[..., sel], exact[..., sel])
+
+    for margin in args.crop:
+        fast_mode(f"crop{margin}", "crop", crop=margin)
+    if args.fp8:
+        fast_mode("fp8", "fp8", fp8=True)
     summary[f"k{args.store_k}_cold_s"] = cold["seconds"]
     summary["lora_make_and_load_s_per_concept"] = round(lora_seconds, 3)
     if args.store_k in by_k:
