@@ -93,6 +93,21 @@ def random_setting(args) -> tuple:
     return model, device, dtype, controlnet, loras
 
 
+def added_cost(row: dict, baseline: dict, calls: dict[str, int]) -> dict:
+    """What row costs over baseline (two rows of run()): seconds per stage and per model call of that stage (calls:
+    stage name -> model calls), the whole image's seconds and ratio, peak memory where measured."""
+    out = {}
+    for stage, n in calls.items():
+        added = row["timings"][stage] - baseline["timings"][stage]
+        out[f"{stage}_added_s"] = round(added, 3)
+        out[f"{stage}_added_ms_per_call"] = round(1e3 * added / n, 2)
+    out["total_added_s"] = round(row["seconds"] - baseline["seconds"], 3)
+    out["total_ratio"] = round(row["seconds"] / baseline["seconds"], 3)
+    if baseline["peak_gib"] is not None:
+        out["peak_added_gib"] = round(row["peak_gib"] - baseline["peak_gib"], 2)
+    return out
+
+
 def write_result(name: str, args, rows: list, summary: dict, note: str, **fields) -> dict:
     """The bench's JSON (<name>_tiny for --tiny): its settings, `fields`, the rows, the summary and the note."""
     out = {"steps": args.steps, "blend_steps": args.blend_steps, "k": args.k,
@@ -114,21 +129,8 @@ def main(argv=None) -> dict:
             run(model, loras, args, control, False, "ControlNet (base passes)"),
             run(model, loras, args, control, True, "ControlNet (+ concept passes)")]
     none, base, concepts = rows
-    schedule_calls = args.steps  # one model call per DDIM step
-    blend_calls = args.blend_steps
-    summary = {
-        "stage1_added_s": round(base["timings"]["stage1"] - none["timings"]["stage1"], 3),
-        "stage2_added_s": round(base["timings"]["stage2"] - none["timings"]["stage2"], 3),
-        "total_added_s": round(base["seconds"] - none["seconds"], 3),
-        "total_ratio": round(base["seconds"] / none["seconds"], 3),
-        "stage1_added_ms_per_call": round(1e3 * (base["timings"]["stage1"] - none["timings"]["stage1"])
-                                          / schedule_calls, 2),
-        "stage2_added_ms_per_call": round(1e3 * (base["timings"]["stage2"] - none["timings"]["stage2"])
-                                          / blend_calls, 2),
-        "control_concepts_added_s": round(concepts["seconds"] - base["seconds"], 3),
-    }
-    if none["peak_gib"] is not None:
-        summary["peak_added_gib"] = round(base["peak_gib"] - none["peak_gib"], 2)
+    summary = {**added_cost(base, none, {"stage1": args.steps, "stage2": args.blend_steps}),  # a call a step
+               "control_concepts_added_s": round(concepts["seconds"] - base["seconds"], 3)}
     print("summary:", summary, flush=True)
     return write_result(
         "controlnet", args, rows, summary,

@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from bench.common import random_on_device, timed_generate
-from bench.controlnet import CLASSES, PROMPT, add_arguments, boxes, random_setting, write_result
+from bench.controlnet import CLASSES, PROMPT, add_arguments, added_cost, boxes, random_setting, write_result
 from omg.faces import CANONICAL_KEYPOINTS, Face
 from omg.ip_adapter import IPAdapter, ResamplerConfig
 from omg.pipeline import Concept
@@ -62,12 +62,7 @@ def main(argv=None) -> dict:
             run(model, args, faces, loras, extra, f"{args.k} InstantID concepts"),
             run(model, args, mixed, loras, extra, "LoRA + InstantID")]
     lora, face, _ = rows
-    summary = {"stage2_added_s": round(face["timings"]["stage2"] - lora["timings"]["stage2"], 3),
-               "stage2_added_ms_per_call": round(1e3 * (face["timings"]["stage2"] - lora["timings"]["stage2"])
-                                                 / args.blend_steps, 2),
-               "total_ratio": round(face["seconds"] / lora["seconds"], 3)}
-    if lora["peak_gib"] is not None:
-        summary["peak_added_gib"] = round(face["peak_gib"] - lora["peak_gib"], 2)
+    summary = added_cost(face, lora, {"stage2": args.blend_steps})
     print("summary:", summary, flush=True)
     return write_result(
         "instantid", args, rows, summary,
