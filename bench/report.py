@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 import glob
 import json
 import os
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")

@@ -349,10 +349,10 @@ class Trainer:
                 values = torch.stack(pending).float().cpu().tolist()  # the one host sync per log_every steps
                 self.log.extend((tag, done - len(values) + j, v) for j, v in enumerate(values))
                 pending = []
-                rate = done / (time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
                 if first_window is None:
-                    first_window = (done, time.perf_counter() - start)
-                self.say(f"{tag}: step {done}/{steps} loss {float(np.mean(values)):.4f} ({rate:.1f} steps/s)")
+                    first_window = (done, elapsed)
+                self.say(f"{tag}: step {done}/{steps} loss {float(np.mean(values)):.4f} ({done / elapsed:.1f} steps/s)")
                 if on_log is not None:
                     on_log(values)
         if pending:
@@ -428,8 +428,8 @@ def attention_grids(unet_config: UNetConfig, latent: int) -> list[int]:
 
 
 class EMA:
-    """Exponential moving average of parameters (one foreach lerp a step), warmed up as (1 + n) / (10 + n). The
-    update count lives on the device, so that a CUDA graph of the whole step advances it on every replay."""
+    """Exponential moving average of parameters (three foreach kernels a step), warmed up as (1 + n) / (10 + n).
+    The update count lives on the device, so that a CUDA graph of the whole step advances it on every replay."""
 
     def __init__(self, params: Sequence[nn.Parameter], decay: float):
         self.params = list(params)
@@ -509,7 +509,8 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
         return torch.stack([diffusion.detach(), grounding.detach()])
 
     call: Callable[[], Tensor] = CapturedStep(body, trainer) if capture else body
-    mode = ("graph: whole step" if capture else "eager") + (" (compiled)" if compile_step else "")
+    compiled = " (compiled)" if compile_step else ""
+    mode = ("graph: whole step" if capture else "eager") + compiled
     guard = StepGuard("unet", call, mode, lambda: body, trainer)
     trainer.say(f"unet stage runs as {mode}")
 
@@ -524,7 +525,7 @@ def train_unet(model: SDXL, data: DeviceData, trainer: Trainer, steps: int, batc
 
     stats = _run_two(trainer, steps, step, deadline, guard.on_log)
     if isinstance(call, CapturedStep) and call.eager:  # the capture failed: the steps ran eagerly
-        mode = guard.mode = "eager" + (" (compiled)" if compile_step else "")
+        mode = guard.mode = "eager" + compiled
     stats = {**stats, "mode": mode, "final_mode": guard.mode, "skipped_steps": guard.skipped_steps}
     ema.copy_to_params()
     net.detach_processor()
