@@ -1,6 +1,7 @@
 """A k-concept OMG image with full-size SDXL (random weights) at 1024x1024, 50 DDIM steps, blending over the
 last 35, rank-64 kohya LoRAs on every kohya target: seconds per stage, UNet evaluations, peak memory, the
-replay store's size, for each replay store mode.
+replay store's size. The default store is generate's ("auto": stage 1's attention outputs kept where memory allows);
+--stores adds rows with other stores at k=store_k (recompute: the low-memory configuration).
 
 Also, in the same process: the original code's schedule (bench/reference.py) at k=2 (--reference), the
 UNet forward at batch 2 as the sampler runs it (a CUDA graph) against diffusers' eager SDPA forward with the
@@ -40,6 +41,7 @@ from omg.vae import AutoencoderKL, VAEConfig
 TFLOP_PER_EVAL = 6.76  # one UNet forward at batch 1, 1024x1024 (torch FLOP counter)
 H100_BF16_DENSE = 989.0
 CLASSES = ["man", "woman", "dog", "cat", "robot"]
+DEFAULT = "auto"  # generate's default store
 PROMPT = "a man, a woman, a dog, a cat and a robot in a park"
 
 
@@ -73,14 +75,15 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
-    graphs = graphs and store == "recompute" and not self_replay  # where generate can run CUDA graphs
+    graphs = graphs and store != "maps" and not self_replay  # where generate can run CUDA graphs
     result = render(model, loras, k, args, store=store, self_replay_steps=self_replay, cuda_graphs=graphs,
                     lora_mode=lora_mode, concept_crop=crop is not None, crop_margin=8 if crop is None else crop,
                     fp8=fp8)
     peak = torch.cuda.max_memory_allocated()
     t = result.timings
     seconds = t["total"]
-    row = dict(k=k, store=store, self_replay_steps=self_replay, lora_mode=lora_mode, crop_margin=crop, fp8=fp8,
+    row = dict(k=k, store=result.store, store_option=store, self_replay_steps=self_replay, lora_mode=lora_mode,
+               crop_margin=crop, fp8=fp8,
                triton=os.environ.get("OMG_DISABLE_TRITON") != "1",
                cuda_graphs=graphs, seconds=round(seconds, 3), timings={n: round(v, 3) for n, v in t.items()},
                unet_evaluations=result.unet_evaluations, peak_gib=round(peak / 2**30, 2),
@@ -279,7 +282,9 @@ def unet_fp8_speed(model: SDXL, batch: int = 7, rounds: int = 3) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concepts", type=int, nargs="+", default=[1, 2, 5])
-    parser.add_argument("--stores", nargs="+", default=["outputs", "maps"], help="compared with the default")
+    parser.add_argument("--stores", nargs="*", default=["recompute"],
+                        help="rows with these stores at k=store_k, compared with the default ('auto'); recompute is "
+                             "the low-memory configuration")
     parser.add_argument("--store-k", type=int, default=2, help="k at which the store modes are compared")
     parser.add_argument("--self-replay", type=int, default=4, help="a k=store_k row with this many self-replay steps")
     parser.add_argument("--steps", type=int, default=50)
@@ -312,39 +317,47 @@ def main() -> None:
     lora_seconds = (time.perf_counter() - start) / len(loras)
     # cold: the process's first image (kernel autotuning, CUDA graph recording, the first LoRA binding); every
     # row after it is warm (the steady state of repeated renders)
-    cold = run(model, loras, args.store_k, "recompute", args)
+    cold = run(model, loras, args.store_k, DEFAULT, args)
     latents: dict = {}
-    rows = [run(model, loras, k, "recompute", args, keep=latents) for k in args.concepts]  # the defaults
-    rows += [run(model, loras, k, "recompute", args, graphs=False, keep=latents) for k in args.eager_k]
-    rows += [run(model, loras, k, "recompute", args, lora_mode="merged", keep=latents) for k in args.merged_k]
-    os.environ["OMG_DISABLE_TRITON"] = "1"  # the unoptimised path: merged weights, eager, torch's ops only
+    rows = [run(model, loras, k, DEFAULT, args, keep=latents) for k in args.concepts]  # the defaults
+    rows += [run(model, loras, k, DEFAULT, args, graphs=False, keep=latents) for k in args.eager_k]
+    rows += [run(model, loras, k, DEFAULT, args, lora_mode="merged", keep=latents) for k in args.merged_k]
+    # the unoptimised path: merged weights, eager, torch's ops only, the stage-1 rows recomputed in the batch (the
+    # original code's replay)
+    os.environ["OMG_DISABLE_TRITON"] = "1"
     rows += [run(model, loras, k, "recompute", args, lora_mode="merged", graphs=False, keep=latents)
              for k in args.merged_k]
     del os.environ["OMG_DISABLE_TRITON"]
-    rows += [run(model, loras, args.store_k, s, args) for s in args.stores if s != "recompute"]
+    rows += [run(model, loras, args.store_k, s, args) for s in args.stores if s != DEFAULT]
     if args.self_replay:
         rows.append(run(model, loras, args.store_k, "recompute", args, self_replay=args.self_replay))
-    default = lambda r: (r["store"] == "recompute" and not r["self_replay_steps"]  # noqa: E731
+    default = lambda r: (r["store_option"] == DEFAULT and not r["self_replay_steps"]  # noqa: E731
                          and r["lora_mode"] == "grouped" and not r["fp8"])
     by_k = {r["k"]: r for r in rows if default(r) and r["cuda_graphs"]}
     summary = {f"k{r['k']}_eager_over_graphs": round(r["seconds"] / by_k[r["k"]]["seconds"], 3) for r in rows
                if not r["cuda_graphs"] and default(r) and r["k"] in by_k}
+    for row in rows:  # the other stores (recompute: the low-memory configuration) against the default
+        s = row["store_option"]
+        if s != DEFAULT and s in args.stores and not row["self_replay_steps"] and row["k"] in by_k:
+            summary[f"k{row['k']}_store_{s}_s"] = row["seconds"]
+            summary[f"k{row['k']}_store_{s}_over_default"] = round(row["seconds"] / by_k[row["k"]]["seconds"], 3)
+            summary[f"k{row['k']}_store_{s}_peak_gib"] = row["peak_gib"]
     for k in args.merged_k:  # the unoptimised path: merged weights, one call per concept, eager
         for row in (r for r in rows if r["k"] == k and r["lora_mode"] == "merged"):
             name = f"k{k}_merged_graphs" if row["cuda_graphs"] else f"k{k}_unoptimised"
             summary[name + "_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
             summary[name + "_peak_gib"] = row["peak_gib"]
         ref = latents[(k, "recompute", 0, False, "merged")]
-        diff = latents[(k, "recompute", 0, True, "grouped")] - ref
+        diff = latents[(k, DEFAULT, 0, True, "grouped")] - ref
         summary[f"k{k}_final_latent_vs_unoptimised_max_abs_diff"] = round(diff.abs().max().item(), 5)
         summary[f"k{k}_final_latent_vs_unoptimised_rms_diff"] = round(diff.pow(2).mean().sqrt().item(), 6)
         summary[f"k{k}_final_latent_max_abs"] = round(ref.abs().max().item(), 3)
     def fast_mode(label: str, tag: str, **mode) -> None:  # a fast mode against the exact path (default row, same k)
         k = args.store_k
-        row = run(model, loras, k, "recompute", args, keep=latents, **mode)
+        row = run(model, loras, k, DEFAULT, args, keep=latents, **mode)
         rows.append(row)
-        exact = latents[(k, "recompute", 0, True, "grouped")]
-        fast = latents[(k, "recompute", 0, True, "grouped", tag)]
+        exact = latents[(k, DEFAULT, 0, True, "grouped")]
+        fast = latents[(k, DEFAULT, 0, True, "grouped", tag)]
         inside = latents[("masks", k)].sum(0) > 0
         summary[f"k{k}_{label}_over_default"] = round(row["seconds"] / by_k[k]["seconds"], 3)
         if tag == "fp8":

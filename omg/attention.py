@@ -7,7 +7,9 @@ attn2 layer are the same too, so the replayed output  A_stage1 · V  *is* stage 
 gives three interchangeable ways to replay:
 
 - ``store="outputs"``: keep stage 1's attn2 outputs (conditional rows) for the replay steps and return
-  them in stage 2; the replayed layers skip q/k/v and softmax entirely.
+  them in stage 2. They are kept in one preallocated buffer per layer, a slot per replayed call, written and
+  read at a slot index held on the device: the processors then make the same Python decisions at every call,
+  so stage 1 and stage 2 still run as CUDA graphs (omg.graphs) while each call reaches its own slot.
 - ``store="maps"``: keep the probability maps A (all heads) and compute A · V in stage 2 (what the paper
   describes; needed when the replay prompt differs, and the oracle for the outputs store).
 - ``store="recompute"``: keep nothing but the stage-1 latents; stage 2 re-runs the stage-1 conditional
@@ -19,6 +21,7 @@ of chosen prompt tokens (the class nouns), from which the concept masks are made
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -28,9 +31,10 @@ from torch import Tensor
 
 import kernels
 from omg.errors import OptionError, SamplingError
-from omg.unet import Attention, UNet
+from omg.unet import Attention, UNet, UNetConfig
 
 STORES = ("outputs", "maps", "recompute")
+STORE_CHOICES = ("auto",) + STORES  # generate's option: "auto" picks one of STORES (choose_store)
 SELF_REPLAY_LAYERS = ("original", "all")
 
 
@@ -110,6 +114,43 @@ def level_grids(latent_hw: tuple[int, int]) -> dict[int, tuple[int, int]]:
     return grids
 
 
+def outputs_store_bytes(config: UNetConfig, latent_hw: tuple[int, int], images: int, replay_calls: int,
+                        dtype: torch.dtype) -> int:
+    """Bytes of store="outputs" for a run: every cross-attention layer's output (queries x channels) for the
+    conditional row of each image, in a slot per replayed call plus the slot the other calls write to."""
+    tokens = list(level_grids(latent_hw))  # queries per UNet level, level 0 first
+    width = lambda level: config.model_channels * config.channel_mult[level]  # noqa: E731
+    per_row = sum((2 * config.num_res_blocks + 1) * depth * tokens[level] * width(level)
+                  for level, depth in enumerate(config.transformer_depth) if depth)
+    last = len(config.channel_mult) - 1
+    per_row += config.transformer_depth_middle * tokens[last] * width(last)
+    return per_row * images * (replay_calls + 1) * dtype.itemsize
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes the device can still allocate (None: unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def choose_store(store: str, store_bytes: int, device: torch.device) -> str:
+    """The store a run uses: `store`, or for "auto" "outputs" (a stage-2 base pass of 2 rows a image, no attention
+    recomputed) when its `store_bytes` take at most half of what the device can still allocate (the other half is
+    for sampling), else "recompute" (nothing kept; 3 rows a image)."""
+    if store != "auto":
+        return store
+    free = free_memory(device)
+    return "outputs" if free is not None and 2 * store_bytes <= free else "recompute"
+
+
 @dataclass(frozen=True)
 class RowLayout:
     """Which rows of a base-model UNet call play which role, for a batch of `images` latents under CFG.
@@ -164,7 +205,7 @@ class AttentionControl:
     """
 
     def __init__(self, unet: UNet, store: str = "outputs", replay_calls: Sequence[int] = (),
-                 store_dtype: torch.dtype = torch.bfloat16, store_device: Optional[torch.device] = None,
+                 store_dtype: torch.dtype = torch.bfloat16,
                  self_replay_calls: Sequence[int] = (), heatmap_tokens: Sequence[int] = (),
                  latent_hw: Optional[tuple[int, int]] = None, map_format: Optional[str] = None,
                  self_replay_max_queries: Optional[int] = None):
@@ -180,9 +221,13 @@ class AttentionControl:
         # self-attention is replayed only in layers with at most this many queries (None: in every layer)
         self.self_replay_max_queries = self_replay_max_queries
         self.store_dtype = store_dtype
-        self.store_device = store_device
         self._call = AttentionCall()
-        self.saved: dict[tuple[int, str], object] = {}
+        self.saved: dict[tuple[int, str], object] = {}  # store="maps" and self-attention replay, by (call, layer)
+        # store="outputs": layer path -> (slots, cond rows, queries, channels); the replayed calls' slots, then one
+        # that the other calls write to; self._slot (on the device) is the current call's slot
+        self.outputs: dict[str, Tensor] = {}
+        self._slots = {index: i for i, index in enumerate(sorted(self.replay_calls))}
+        self._slot: Optional[Tensor] = None
         self.heatmaps = (TokenHeatmaps(list(heatmap_tokens), latent_hw)
                          if heatmap_tokens and latent_hw else None)
 
@@ -195,6 +240,16 @@ class AttentionControl:
         if mode not in MODES:
             raise OptionError(f"attention mode must be one of {MODES}, not {mode!r}")
         self._call = AttentionCall(mode, index, rows)
+        if self._slot is not None:
+            self._slot.fill_(self._slot_of(index))  # a kernel on the stream, before the call that reads it
+
+    def _slot_of(self, index: int) -> int:
+        return self._slots.get(index, len(self._slots))
+
+    def _slot_on(self, device: torch.device) -> Tensor:
+        if self._slot is None:
+            self._slot = torch.full((1,), self._slot_of(self._call.index), dtype=torch.long, device=device)
+        return self._slot
 
     # -- installation ---------------------------------------------------------------------------
     def __enter__(self) -> "AttentionControl":
@@ -205,7 +260,7 @@ class AttentionControl:
         self.unet.set_attention_processor(None)
 
     def stored_bytes(self) -> int:
-        total = 0
+        total = sum(t.numel() * t.element_size() for t in self.outputs.values())
         for value in self.saved.values():
             for t in value if isinstance(value, tuple) else (value,):
                 total += t.numel() * t.element_size()
@@ -225,7 +280,7 @@ class AttentionControl:
             self.self_replay_max_queries is None or x.shape[1] <= self.self_replay_max_queries)
 
     def _keep(self, t: Tensor) -> Tensor:
-        return t.to(device=self.store_device or t.device, dtype=self.store_dtype)
+        return t.to(dtype=self.store_dtype)
 
     def _capture(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
         q, k, v = layer.qkv(x, context)
@@ -249,10 +304,15 @@ class AttentionControl:
                 heat = self.heatmaps.accumulator(q.shape[2], len(range(q.shape[0])[rows]), q.device)
             captured = kernels.capture_maps(q, k, rows, self.map_format if keep_maps else None, tokens, heat)
             if keep_maps:
-                self.saved[key] = captured.maps.to(self.store_device or q.device)
+                self.saved[key] = captured.maps
         out = layer.out(attended)
-        if self.store == "outputs" and call.index in self.replay_calls:
-            self.saved[key] = self._keep(out[rows])
+        if self.store == "outputs" and self._slots:  # every call writes (the others to the spare slot): no branch
+            kept = out[rows]
+            buffer = self.outputs.get(layer.path)
+            if buffer is None:
+                buffer = self.outputs[layer.path] = kept.new_zeros((len(self._slots) + 1, *kept.shape),
+                                                                   dtype=self.store_dtype)
+            buffer.index_copy_(0, self._slot_on(kept.device), kept.unsqueeze(0).to(buffer.dtype))
         return out
 
     def _replay(self, layer: Attention, x: Tensor, context: Optional[Tensor]) -> Tensor:
@@ -284,7 +344,7 @@ class AttentionControl:
         if self.store == "recompute":
             out[rows] = out[call.rows.source]
         elif self.store == "outputs":
-            out[rows] = self.saved[key].to(out.dtype)
+            out[rows] = self.outputs[layer.path].index_select(0, self._slot_on(out.device))[0].to(out.dtype)
         return out
 
     def _reference_qk(self, q: Tensor, k: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor]:

@@ -253,7 +253,8 @@ def _write_outputs(args: argparse.Namespace, results: list, spec: dict, options:
                     "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
             # the stage-1 image is the run with no blending steps (blending over zero steps gives stage 1)
             for path, image, run_options, stage in (
-                    (out, result.image, options.replace(seed=result.seed, seeds=None, num_images=1), 2),
+                    (out, result.image, options.replace(seed=result.seed, seeds=None, num_images=1,
+                                                        store=result.store), 2),
                     (f"{stem}_stage1{ext}", result.stage1_image,
                      options.replace(seed=result.seed, seeds=None, num_images=1, blend_steps=0), 1)):
                 record = run_record(prompt, concept_specs, spec.get("checkpoint"), device, dtype_name, run_options,

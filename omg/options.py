@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Un
 import torch
 
 from kernels import MAP_FORMATS
-from omg.attention import SELF_REPLAY_LAYERS, STORES
+from omg.attention import SELF_REPLAY_LAYERS, STORE_CHOICES
 from omg.control import Control
 from omg.errors import OptionError
 from omg.inputs import check_image_size, check_seeds, image_seeds
@@ -61,10 +61,12 @@ class OMGOptions:
                                                      "(instead of seed and num_images)", parse=int, many=True)
     # -- the OMG method --------------------------------------------------------------------------------------
     blend_steps: int = _option(35, "blending runs over the last blend_steps steps (0: the stage-1 image)", parse=int)
-    store: str = _option("recompute", "how stage 2 replays stage 1's cross-attention (see omg.attention)",
-                         choices=STORES)
-    store_dtype: Optional[torch.dtype] = _option(torch.bfloat16, "dtype of the outputs/maps store (None: the "
-                                                                 "model's)", parse=None)
+    store: str = _option("auto", "how stage 2 replays stage 1's cross-attention (see omg.attention): 'auto' keeps "
+                                 "stage 1's attention outputs ('outputs') when they take at most half the free "
+                                 "device memory, else recomputes them ('recompute', no memory)",
+                         choices=STORE_CHOICES)
+    store_dtype: Optional[torch.dtype] = _option(None, "dtype of the outputs/maps store (None: the model's)",
+                                                 parse=None)
     map_format: Optional[str] = _option(None, "store='maps': None keeps probabilities in store_dtype; 'bf16' or "
                                               "'log8' (one byte an entry) use the kernels' formats",
                                         choices=MAP_FORMATS)
@@ -113,7 +115,7 @@ class OMGOptions:
                            parse=bool)
     # -- running ---------------------------------------------------------------------------------------------
     cuda_graphs: Optional[bool] = _option(None, "replay repeated UNet calls as CUDA graphs; None: where valid "
-                                                "(CUDA, store='recompute', no self-attention replay)", parse=bool)
+                                                "(CUDA, store not 'maps', no self-attention replay)", parse=bool)
     noise_device: str = _option("cpu", "device the noise is drawn on: 'cpu' gives a seed the same image on every "
                                        "device; 'cuda' draws as diffusers with a CUDA generator and A1111's GPU RNG "
                                        "do, to reproduce their seeds")

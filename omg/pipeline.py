@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from omg.attention import AttentionControl, original_self_replay_queries
+from omg.attention import AttentionControl, choose_store, original_self_replay_queries, outputs_store_bytes
 from omg.callbacks import StepCallback, StepEvent
 from omg.concept_weights import GroupedWeights, MergedWeights, StageTwoWeights
 from omg.control import ControlStack, check_controls
@@ -70,6 +70,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     unet_evaluations: int = 0  # at batch 1: a CFG pass of one model counts 2
     store_bytes: int = 0
+    store: str = "recompute"  # the replay store the run used (what store="auto" chose)
     stage2: Optional[BlendedEps] = None  # kept on request (keep_stage2=True): it holds the store and weights
 
     @property
@@ -143,9 +144,12 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
         noise = model.noise(_generators(inputs.seeds, o.noise_device), o.height, o.width)
     noise = noise.to(model.device, torch.float32)
     latent_hw = tuple(noise.shape[-2:])
-    control = AttentionControl(unet, o.store, replay_calls=calls.blend_calls,
+    store_dtype = o.store_dtype or model.dtype
+    store = choose_store(o.store, outputs_store_bytes(unet.config, latent_hw, n, len(calls.blend_calls), store_dtype),
+                         model.device)
+    control = AttentionControl(unet, store, replay_calls=calls.blend_calls,
                                self_replay_calls=calls.self_replay_calls(o.self_replay_steps),
-                               store_dtype=o.store_dtype or model.dtype, heatmap_tokens=inputs.heat_tokens,
+                               store_dtype=store_dtype, heatmap_tokens=inputs.heat_tokens,
                                latent_hw=latent_hw, map_format=o.map_format,
                                self_replay_max_queries=(original_self_replay_queries(o.height, o.width)
                                                         if o.self_replay_layers == "original" else None))
@@ -200,7 +204,7 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
                       heatmaps=concept_masks[b].heatmaps, concept_masks=concept_masks[b], latent=final[b:b + 1],
                       stage1_latent=stage1.latent[b:b + 1], blend_start_latent=stage1.blend_start_latent[b:b + 1],
                       seed=inputs.seeds[b], timings=timer.totals(), unet_evaluations=evaluations // n,
-                      store_bytes=control.stored_bytes(), stage2=stage2 if o.keep_stage2 else None)
+                      store_bytes=control.stored_bytes(), store=store, stage2=stage2 if o.keep_stage2 else None)
                for b in range(n)]
     return results if o.batched else results[0]
 
@@ -268,9 +272,9 @@ class _Inputs:
         if noise is not None and (not isinstance(noise, Tensor) or tuple(noise.shape) != expected):
             raise OptionError(f"noise must be a tensor of shape {expected} (images, latent channels, height / 8, "
                               f"width / 8), got {tuple(noise.shape) if isinstance(noise, Tensor) else noise!r}")
-        graphable = graphs_usable(torch.device(model.device)) and o.store == "recompute" and o.self_replay_steps == 0
+        graphable = graphs_usable(torch.device(model.device)) and o.store != "maps" and o.self_replay_steps == 0
         if o.cuda_graphs and not graphable:
-            raise OptionError("cuda_graphs needs a CUDA model, store='recompute' and self_replay_steps=0")
+            raise OptionError("cuda_graphs needs a CUDA model, a store other than 'maps' and self_replay_steps=0")
         names = [c.class_name for c in concepts]
         token_indices = concept_token_indices(prompt, names) if concepts else []
         user_masks = prepare_user_masks([c.mask for c in concepts], (o.height, o.width), names)

@@ -47,7 +47,8 @@ def test_a_batch_of_seeds_equals_one_call_per_seed(model, tmp_path):
             assert_same_image(b, s)
         # each image's share of the batch's work: every concept found in some image runs over the whole batch
         found_anywhere = sum(any(r.concept_masks.found[i] for r in batch) for i in range(len(concepts)))
-        base_rows = 2 if options.get("store") == "outputs" else 3
+        assert all(r.store == "outputs" for r in batch)  # set, or what store="auto" chose here
+        base_rows = 2  # with stage 1's outputs kept, no stage-1 row rides along
         assert all(r.unet_evaluations == 2 * STEPS + (base_rows + 2 * found_anywhere) * BLEND for r in batch)
         assert not torch.allclose(batch[0].latent, batch[1].latent)  # each image its own noise
     consecutive = run(model, concepts, seed=11, num_images=2)

@@ -15,18 +15,22 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype,lora_mode", [(torch.float32, "grouped"), (torch.float16, "grouped"),
-                                             (torch.float16, "merged")])
-def test_graphed_generation_equals_eager(tmp_path, dtype, lora_mode):
+@pytest.mark.parametrize("dtype,lora_mode,store", [(torch.float32, "grouped", "recompute"),
+                                                   (torch.float16, "grouped", "recompute"),
+                                                   (torch.float16, "grouped", "outputs"),
+                                                   (torch.float16, "merged", "outputs")])
+def test_graphed_generation_equals_eager(tmp_path, dtype, lora_mode, store):
     """Stage 1 (with heat-map capture), masks, stage 2 (base and concept passes in one call, or merged concepts in
-    calls of their own): graphs vs eager, same bits."""
+    calls of their own), the stage-1 rows recomputed or stage 1's outputs read from their slots (one graph for every
+    call, the slot index on the device): graphs vs eager, same bits."""
     model = tiny_model(device="cuda", dtype=dtype)
     loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
     concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0]),
                 omg.Concept("woman", "a photo of xyz woman", lora=loras[1])]
     runs = [omg.generate(model, PROMPT, concepts, steps=6, blend_steps=4, height=H, width=W, seed=3,
-                         progress=False, cuda_graphs=g, lora_mode=lora_mode) for g in (False, True)]
+                         progress=False, cuda_graphs=g, lora_mode=lora_mode, store=store) for g in (False, True)]
     eager, graphed = runs
+    assert graphed.store == store
     # the heat kernel accumulates with float atomics (on CUDA for fp16/bf16): summation order varies run to run
     # (H100, fp16: two eager runs differ by up to 3.0e-6, eager and graphed by 2.6e-6; masks and latents: 0)
     torch.testing.assert_close(eager.heatmaps, graphed.heatmaps, rtol=1e-4, atol=1e-5)

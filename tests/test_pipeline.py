@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import omg
+from omg.attention import outputs_store_bytes
 from omg.errors import LoraError, SamplingError
 from omg.lora import merged_lora, text_encoder_lora
 from omg.masks import SamRefiner
@@ -131,10 +132,23 @@ def test_store_modes_agree_and_concepts_change_only_their_regions(model, tmp_pat
     ref = results["outputs"].latent
     assert (results["recompute"].latent - ref).abs().max().item() <= 1e-5
     assert (results["maps"].latent - ref).abs().max().item() <= 1e-4
-    bf16 = run(model, concepts, store="outputs")  # store_dtype defaults to bf16
+    bf16 = run(model, concepts, store="outputs", store_dtype=torch.bfloat16)
     assert (bf16.latent - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
     assert bf16.store_bytes < results["outputs"].store_bytes
-    assert results["recompute"].store_bytes == 0 and run(model, concepts).store_bytes == 0  # the default
+    assert results["recompute"].store_bytes == 0
+    # the estimate store="auto" decides on is the store's size
+    assert results["outputs"].store_bytes == outputs_store_bytes(model.unet.config, (H // 8, W // 8), 1, BLEND,
+                                                                 torch.float32)  # DDIM: a model call a step
+
+
+def test_auto_store_keeps_outputs_when_they_fit(model, monkeypatch):
+    default = run(model)  # store="auto": this machine has room for a few hundred kB
+    assert default.store == "outputs" and default.store_bytes > 0
+    assert torch.equal(default.latent, run(model, store="outputs").latent)
+    monkeypatch.setattr(omg.attention, "free_memory", lambda device: 2 * default.store_bytes - 1)
+    tight = run(model)
+    assert tight.store == "recompute" and tight.store_bytes == 0
+    assert (tight.latent - default.latent).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
