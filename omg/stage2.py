@@ -14,6 +14,7 @@ record's CallSchedule (omg.schedule), planned once before stage 1.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -284,9 +285,12 @@ class BlendedEps:
         """One UNet call under the role's weights (and the acting ControlNets' residuals on its first control_rows
         rows): its output (rows, C, h, w) in fp32."""
         self.evaluations += x.shape[0]
+        # the graph keeps this function: through a proxy, so that self.graphs -> graph -> function -> self is no
+        # reference cycle (one would keep stage 1's store, gigabytes, alive after generate until the next gc)
+        this = weakref.proxy(self)
 
         def forward(x_: Tensor, t_: Tensor) -> Tensor:  # x (rows, C, h, w) fp32, t (1,)
-            return self._forward(x_.to(self.dtype), t_.expand(x_.shape[0]), cond, role, acting, control_rows).float()
+            return this._forward(x_.to(this.dtype), t_.expand(x_.shape[0]), cond, role, acting, control_rows).float()
         if not self.cuda_graphs:
             return forward(x, t)
         key = (role, acting, control_rows)

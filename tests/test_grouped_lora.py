@@ -94,3 +94,24 @@ def test_memory_is_the_factors_not_the_touched_tensors(unet):
             rows = slice(1 + 2 * i, 3 + 2 * i)
             with ConceptWeights.merge(unet, spec).applied(unet):
                 assert (got[rows] - unet(x[rows], t[rows], ctx[rows], y[rows])).abs().max() <= 1e-4
+
+
+def test_the_stacking_is_kept_for_the_same_concepts(unet):
+    """A second GroupedLora of the same LoRA files and strengths (new patches from bind, as each generate call
+    makes) reuses the stacked factors; another strength or another order stacks anew, with its own values."""
+    from omg.lora.grouped import _Stacked
+
+    specs = [s for s in concepts(unet) if s is not None]
+    first = GroupedLora(unet, [bind(unet, s) for s in specs])
+    stacked = [name for name, layer in first.layers.items() if isinstance(layer, _Stacked)]
+    assert stacked
+    again = GroupedLora(unet, [bind(unet, s) for s in specs])
+    assert all(again.layers[name] is first.layers[name] for name in stacked)
+    name = next(n for n in stacked if first.layers[n].up[0].abs().max() > 0)
+    swapped = GroupedLora(unet, [bind(unet, s) for s in reversed(specs)])
+    assert swapped.layers[name] is not first.layers[name]
+    torch.testing.assert_close(swapped.layers[name].up[-1], first.layers[name].up[0])
+    (lora, strength), rest = specs[0], specs[1:]
+    weaker = GroupedLora(unet, [bind(unet, (lora, strength / 2))] + [bind(unet, s) for s in rest])
+    assert weaker.layers[name] is not first.layers[name]
+    torch.testing.assert_close(weaker.layers[name].up[0] * 2, first.layers[name].up[0])

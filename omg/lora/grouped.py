@@ -14,6 +14,7 @@ for each concept of ``members`` (a consecutive range of the concepts given), in 
 """
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
@@ -91,6 +92,28 @@ def _stack_linears(entries: list[tuple[str, nn.Linear, list[list[Patch]]]]) -> d
     return stacked
 
 
+# The last stacking per base model (one entry, dropped with the model): repeated renders with the same concepts skip
+# it (for two rank-64 concepts on every kohya target, 0.6 s of host time before stage 2 on the H200). The entry
+# holds the adapters its key names by id, so no id in it can be reused while it lives.
+_last_stacking: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, dict[str, _Stacked]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _stack_linears_cached(root: nn.Module, entries: list[tuple[str, nn.Linear, list[list[Patch]]]]
+                          ) -> dict[str, _Stacked]:
+    key = tuple((name, m.weight.dtype, m.weight.device,
+                 tuple(tuple((id(p.adapter), p.strength) for p in items) for items in per_concept))
+                for name, m, per_concept in entries)
+    last = _last_stacking.get(root)
+    if last is not None and last[0] == key:
+        return last[2]
+    _last_stacking.pop(root, None)  # its tensors are freed before the new ones are made
+    stacked = _stack_linears(entries)
+    adapters = [p.adapter for _, _, per_concept in entries for items in per_concept for p in items]
+    _last_stacking[root] = (key, adapters, stacked)
+    return stacked
+
+
 class _PerConcept:
     """Any other patches (LoCon convs, LoHa/LoKr/DoRA dense deltas, bias diffs): one delta per concept."""
 
@@ -131,7 +154,7 @@ class GroupedLora:
                 linears.append((name, m, items))
             else:
                 self.layers[name] = _PerConcept(m, items)
-        self.layers.update(_stack_linears(linears))
+        self.layers.update(_stack_linears_cached(root, linears))
 
     @property
     def extra_bytes(self) -> int:
