@@ -157,8 +157,10 @@ def h200_targets_section(d: dict, steps: Optional[dict] = None) -> str:
     fp8 = [r for r in rows_ if r["k"] == 2 and r.get("fp8")]
     speedup = ref["total_s"] / k[2]["seconds"]
     fastest = min([k[2], merged] + crops + fp8, key=lambda r: r["seconds"])
-    rows = [["exact path: k = 2 <= 6.0 s (default mode)", f"{k[2]['seconds']:.2f} s warm, {s['k2_cold_s']:.2f} s "
-             "cold (the process's first image: graph recording)", _yes(k[2]["seconds"] <= 6.0)],
+    first = (f", {s['k2_first_s']:.2f} s the configuration's first image (graph recording, LoRA stacking)"
+             if s.get("k2_first_s") is not None else "")
+    rows = [["exact path: k = 2 <= 6.0 s (default mode)", f"{k[2]['seconds']:.2f} s warm (repeated renders){first}, "
+             f"{s['k2_cold_s']:.2f} s cold (the process's first image)", _yes(k[2]["seconds"] <= 6.0)],
             [">= 4.7x the original's schedule (same command)",
              f"{speedup:.2f}x ({ref['total_s']:.2f} s, {ref['unet_evaluations']} evaluations)", _yes(speedup >= 4.7)],
             ["time(k = 5) / time(k = 1) <= 2.0", f"{s['time_k5_over_k1']:.2f}", _yes(s["time_k5_over_k1"] <= 2.0)],

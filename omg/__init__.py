@@ -13,12 +13,12 @@ from omg.options import OMGOptions
 __version__ = "0.1.0"  # setup.py reads it here
 
 __all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Control", "load_controlnet", "Result", "generate",
-           "check_request", "StepEvent", "latent_preview", "sample", "regional_sample"]
+           "check_request", "StepEvent", "latent_preview", "sample", "regional_sample", "release_graphs"]
 
 
 def __getattr__(name: str):
     # the samplers pull in the text stack (transformers, open_clip): import them on first use
-    if name in ("Concept", "Result", "generate"):
+    if name in ("Concept", "Result", "generate", "release_graphs"):
         from omg import pipeline
         return getattr(pipeline, name)
     if name == "check_request":

@@ -80,6 +80,19 @@ class TokenHeatmaps:
         for n, d in delta.items():
             self.counts[n] = self.counts.get(n, 0) + d
 
+    def reset(self, token_indices: Sequence[int]) -> None:
+        """Empty again, for another run with as many tokens (omg.graphs.KeptGraphs): the sums zeroed and the token
+        columns set in place, as a kept CUDA graph adds into those very tensors."""
+        if len(token_indices) != len(self.token_indices):
+            raise SamplingError(f"heat maps of {len(self.token_indices)} tokens cannot be reset to "
+                                f"{len(token_indices)}")
+        self.token_indices = list(token_indices)
+        for acc in self.sums.values():
+            acc.zero_()
+        self.counts = {}
+        if self._tokens is not None:
+            self._tokens.copy_(torch.tensor(self.token_indices, dtype=torch.int32))
+
     def add(self, probs: Tensor) -> None:
         """probs (B, heads, N, T) of the conditional rows."""
         acc = self.accumulator(probs.shape[2], probs.shape[0], probs.device)
@@ -141,14 +154,15 @@ def free_memory(device: torch.device) -> Optional[int]:
     return None
 
 
-def choose_store(store: str, store_bytes: int, device: torch.device) -> str:
+def choose_store(store: str, store_bytes: int, device: torch.device, reclaimable: int = 0) -> str:
     """The store a run uses: `store`, or for "auto" "outputs" (a stage-2 base pass of 2 rows a image, no attention
-    recomputed) when its `store_bytes` take at most half of what the device can still allocate (the other half is
-    for sampling), else "recompute" (nothing kept; 3 rows a image)."""
+    recomputed) when its `store_bytes` take at most half of what the device can still allocate plus `reclaimable`
+    (a kept store the run would reuse or free; the other half is for sampling), else "recompute" (nothing kept;
+    3 rows a image)."""
     if store != "auto":
         return store
     free = free_memory(device)
-    return "outputs" if free is not None and 2 * store_bytes <= free else "recompute"
+    return "outputs" if free is not None and 2 * store_bytes <= free + reclaimable else "recompute"
 
 
 @dataclass(frozen=True)
@@ -250,6 +264,15 @@ class AttentionControl:
         if self._slot is None:
             self._slot = torch.full((1,), self._slot_of(self._call.index), dtype=torch.long, device=device)
         return self._slot
+
+    def reset(self, heatmap_tokens: Sequence[int] = ()) -> None:
+        """Ready for another run of the same configuration (a kept CUDA graph reads and writes this controller's
+        tensors: omg.graphs.KeptGraphs): the heat sums zeroed in place and their token columns set; the outputs
+        store's buffers and slot kept (every replayed call overwrites its slot in stage 1)."""
+        self._call = AttentionCall()
+        self.saved.clear()
+        if self.heatmaps is not None:
+            self.heatmaps.reset(heatmap_tokens)
 
     # -- installation ---------------------------------------------------------------------------
     def __enter__(self) -> "AttentionControl":

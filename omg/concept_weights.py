@@ -71,6 +71,11 @@ class StageTwoWeights(ABC):
     def applied(self, role: Role) -> ContextManager:
         """The role's weights installed on the UNet for the duration of a with-block."""
 
+    @abstractmethod
+    def identity(self) -> tuple:
+        """What the roles install, by id: a CUDA graph recorded under them reads those tensors (omg.graphs.KeptGraphs
+        replays stage 2's graphs for weights of the same identity, this object kept alive)."""
+
 
 def _separate_passes(count: int, concept_role) -> list[UNetPass]:
     return [UNetPass(BaseWeights(), True, ())] + [UNetPass(concept_role(j), False, (j,)) for j in range(count)]
@@ -92,6 +97,9 @@ class GroupedWeights(StageTwoWeights):
             return self.lora.installed(role.first_row, role.members)
         return nullcontext()
 
+    def identity(self) -> tuple:  # the stacked factors are kept for the same LoRAs (omg.lora.grouped)
+        return ("grouped", self.lora.rows_per_concept) + tuple((n, id(layer)) for n, layer in self.lora.layers.items())
+
 
 class MergedWeights(StageTwoWeights):
     """Each active concept's merged tensors (None: a concept without LoRA runs the base weights)."""
@@ -106,3 +114,6 @@ class MergedWeights(StageTwoWeights):
         if isinstance(role, MergedConcept) and self.weights[role.concept] is not None:
             return self.weights[role.concept].applied(self.unet)  # a captured graph keeps these tensors' pointers
         return nullcontext()
+
+    def identity(self) -> tuple:  # merged anew by each generate call
+        return ("merged",) + tuple(id(w) for w in self.weights)

@@ -116,6 +116,10 @@ class OMGOptions:
     # -- running ---------------------------------------------------------------------------------------------
     cuda_graphs: Optional[bool] = _option(None, "replay repeated UNet calls as CUDA graphs; None: where valid "
                                                 "(CUDA, store not 'maps', no self-attention replay)", parse=bool)
+    keep_graphs: bool = _option(True, "keep the CUDA graphs and the replay store they write on the model for the next "
+                                      "call of the same configuration, which then records none (not with ControlNets, "
+                                      "InstantID, style LoRAs or fp8); omg.release_graphs(model) frees them",
+                                parse=bool)
     noise_device: str = _option("cpu", "device the noise is drawn on: 'cpu' gives a seed the same image on every "
                                        "device; 'cuda' draws as diffusers with a CUDA generator and A1111's GPU RNG "
                                        "do, to reproduce their seeds")

@@ -30,7 +30,8 @@ from omg.errors import LoraError, OptionError, SamplingError
 from omg.faces import FaceError, check_face_source, detect_faces
 from omg.fp8 import fp8_linears
 from omg.instantid import FacePasses, check_instantid, load_faces, load_instantid
-from omg.graphs import graphs_usable
+from omg.graphs import KeptGraphs, graphs_usable, keep_graphs, kept_graphs
+from omg.graphs import release_graphs as _release_graphs
 from omg.inputs import check_model
 from omg.lora import ConceptWeights, LoraFile, bind, load_lora, text_encoder_lora
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks, token_heatmaps
@@ -144,22 +145,16 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
         noise = model.noise(_generators(inputs.seeds, o.noise_device), o.height, o.width)
     noise = noise.to(model.device, torch.float32)
     latent_hw = tuple(noise.shape[-2:])
-    store_dtype = o.store_dtype or model.dtype
-    store = choose_store(o.store, outputs_store_bytes(unet.config, latent_hw, n, len(calls.blend_calls), store_dtype),
-                         model.device)
-    control = AttentionControl(unet, store, replay_calls=calls.blend_calls,
-                               self_replay_calls=calls.self_replay_calls(o.self_replay_steps),
-                               store_dtype=store_dtype, heatmap_tokens=inputs.heat_tokens,
-                               latent_hw=latent_hw, map_format=o.map_format,
-                               self_replay_max_queries=(original_self_replay_queries(o.height, o.width)
-                                                        if o.self_replay_layers == "original" else None))
+    control, kept = _attention_control(model, calls, latent_hw, n, o, inputs,
+                                       keepable=inputs.cuda_graphs and o.keep_graphs and controls is None
+                                       and not styles and not o.fp8 and not faces)
     timer.lap("setup")
 
     # ---- stage 1: the global prompt with the base model -----------------------------------------------------
     stage1 = run_stage1(unet, noise, sigmas, o.sampler, calls, cfg_rows(base_cond, n), control, o.guidance,
                         o.guidance_rescale, noise_schedule, _generators(inputs.seeds, o.noise_device),
                         o.sampler_options, inputs.cuda_graphs, o.progress, _reporter(callback, "stage1", o.steps),
-                        controls)
+                        controls, kept.stage1 if kept is not None else None)
     timer.lap("stage1")
     stage1_images = model.decode(stage1.latent)
     timer.lap("decode_stage1")
@@ -181,12 +176,13 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
             by_position = {j: faces[i] for j, i in enumerate(active) if i in faces}
             face_passes = FacePasses.prepare(instantid_models, by_position, masks_active, (o.width, o.height),
                                              o.ip_adapter_scale, o.identitynet_scale, detected)
-        stage2 = BlendedEps(unet, stage1.record, base_cond, [concept_cond[i] for i in active],
-                            concept_models.for_stage2([i for i in active if i not in faces], n),
+        weights = concept_models.for_stage2([i for i in active if i not in faces], n)
+        stage2 = BlendedEps(unet, stage1.record, base_cond, [concept_cond[i] for i in active], weights,
                             torch.stack([m.masks[active] for m in concept_masks]).to(model.device),
                             [[j for j, i in enumerate(active) if m.found[i]] for m in concept_masks],
                             o.guidance, o.guidance_rescale, o.replay, inputs.cuda_graphs, controls,
-                            o.control_concepts, o.crop_margin if o.concept_crop else None, face_passes)
+                            o.control_concepts, o.crop_margin if o.concept_crop else None, face_passes,
+                            kept.stage2_for(weights.identity(), weights) if kept is not None else None)
         with stage2:
             # steps before the blend start are answered from stage 1's record: the bar counts the blending ones
             final = run_sampler(stage2, noise, sigmas, o.sampler, schedule=noise_schedule, disable=not o.progress,
@@ -204,12 +200,48 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
                       heatmaps=concept_masks[b].heatmaps, concept_masks=concept_masks[b], latent=final[b:b + 1],
                       stage1_latent=stage1.latent[b:b + 1], blend_start_latent=stage1.blend_start_latent[b:b + 1],
                       seed=inputs.seeds[b], timings=timer.totals(), unet_evaluations=evaluations // n,
-                      store_bytes=control.stored_bytes(), store=store, stage2=stage2 if o.keep_stage2 else None)
+                      store_bytes=control.stored_bytes(), store=control.store, stage2=stage2 if o.keep_stage2 else None)
                for b in range(n)]
     return results if o.batched else results[0]
 
 
 # ------------------------------------------------------------------------------------------------- the steps
+
+def _attention_control(model: Any, calls: CallSchedule, latent_hw: tuple[int, int], images: int, o: OMGOptions,
+                       inputs: "_Inputs", keepable: bool) -> tuple[AttentionControl, Optional[KeptGraphs]]:
+    """The run's attention controller and, when its CUDA graphs can be kept (keepable), where they are: those an
+    earlier call kept on the UNet when its configuration is this one's (the controller reset), else new ones (what
+    was kept is freed first)."""
+    unet = model.unet
+    store_dtype = o.store_dtype or model.dtype
+    kept = kept_graphs(unet)
+    store = choose_store(o.store, outputs_store_bytes(unet.config, latent_hw, images, len(calls.blend_calls),
+                                                      store_dtype),
+                         model.device, reclaimable=kept.control.stored_bytes() if kept is not None else 0)
+    self_replay_calls = tuple(calls.self_replay_calls(o.self_replay_steps))
+    max_queries = original_self_replay_queries(o.height, o.width) if o.self_replay_layers == "original" else None
+    # what a kept graph depends on besides its inputs: the controller's configuration, the UNet's weights
+    config = (store, store_dtype, tuple(calls.blend_calls), self_replay_calls, len(inputs.heat_tokens), latent_hw,
+              images, o.map_format, max_queries, tuple(p.data_ptr() for p in unet.parameters()))
+    if keepable and kept is not None and kept.key == config:
+        kept.control.reset(inputs.heat_tokens)
+        return kept.control, kept
+    _release_graphs(unet)
+    control = AttentionControl(unet, store, replay_calls=calls.blend_calls, self_replay_calls=self_replay_calls,
+                               store_dtype=store_dtype, heatmap_tokens=inputs.heat_tokens, latent_hw=latent_hw,
+                               map_format=o.map_format, self_replay_max_queries=max_queries)
+    if not keepable:
+        return control, None
+    kept = KeptGraphs(config, control)
+    keep_graphs(unet, kept)
+    return control, kept
+
+
+def release_graphs(model: Any) -> None:
+    """Free the CUDA graphs and the replay store that generate keeps on the model for its next call
+    (keep_graphs)."""
+    _release_graphs(getattr(model, "unet", model))
+
 
 def check_request(prompt: str, concepts: Sequence[Concept], options: OMGOptions) -> None:
     """The checks of a generate call that need no model: the CLI runs them before loading any weights.

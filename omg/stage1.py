@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from omg.attention import AttentionControl, RowLayout
-from omg.graphs import GraphedCall
+from omg.graphs import GraphedCall, GraphSet
 from omg.sampling import NoiseSchedule, StepInfo, guided_eps, run_sampler, unet_eps_fn
 from omg.schedule import CallSchedule
 
@@ -53,27 +53,36 @@ def run_stage1(unet: torch.nn.Module, noise: Tensor, sigmas: Tensor, sampler: st
                generators: Optional[list[torch.Generator]] = None, sampler_options: Optional[dict] = None,
                cuda_graphs: bool = False, progress: bool = True,
                callback: Optional[Callable[[StepInfo], None]] = None,
-               controls: Optional["ControlStack"] = None) -> Stage1Result:
+               controls: Optional["ControlStack"] = None, graphs: Optional[GraphSet] = None) -> Stage1Result:
     """Sample the global prompt for noise (B, C, h, w) with base_cond [uncond x B; cond x B].
 
     cuda_graphs: replay the UNet call as one CUDA graph (valid with store="recompute" and no self-attention
     replay: then every stage-1 call runs the same processors; see omg.graphs). callback(StepInfo) runs every step.
     controls: ControlNets whose residuals feed every call of the steps where they act (omg.control).
+    graphs: where the CUDA graphs are kept (a KeptGraphs' stage1: those of an earlier run are replayed); their
+    inputs are the latents, timesteps and conditioning.
     """
     record = Stage1Record(calls, control, torch.as_tensor(sigmas, dtype=torch.float64).cpu(), noise)
     rows = RowLayout(images=noise.shape[0])
     guided_by_active: dict[tuple[int, ...], Callable[[Tensor, Tensor], Tensor]] = {}
-    # one graph per set of acting ControlNets (their windows may differ); the graphs run one after another
-    pool = torch.cuda.graph_pool_handle() if cuda_graphs and controls is not None else None
+    graphs = graphs if graphs is not None else GraphSet()
+
+    def eps_for(active: tuple[int, ...]) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+        def eps(x: Tensor, t: Tensor, context: Tensor, y: Tensor) -> Tensor:
+            fn = controls.eps_fn(unet, active, context, y) if active else unet_eps_fn(unet, context, y)
+            return fn(x, t)
+        return eps
 
     def guided_for(step: int) -> Callable[[Tensor, Tensor], Tensor]:
         active = controls.active(step) if controls is not None else ()
         if active not in guided_by_active:
-            unet_call = controls.eps_fn(unet, active, *base_cond) if active else unet_eps_fn(unet, *base_cond)
-            if cuda_graphs:
-                # guidance reads the output before the next replay: no copy of it per call
-                unet_call = GraphedCall(unet_call, heat=control.heatmaps, pool=pool, copy_output=False)
-            guided_by_active[active] = guided_eps(unet_call, guidance, guidance_rescale)  # what omg.sample runs
+            plain = eps_for(active)
+            # one graph per set of acting ControlNets (their windows may differ); guidance reads the output before
+            # the next replay: no copy of it per call
+            eps = graphs.get((active, base_cond[0].shape, base_cond[1].shape), lambda pool: GraphedCall(
+                plain, heat=control.heatmaps, pool=pool, copy_output=False)) if cuda_graphs else plain
+            guided_by_active[active] = guided_eps(lambda x, t, eps=eps: eps(x, t, *base_cond), guidance,
+                                                  guidance_rescale)  # what omg.sample runs
         return guided_by_active[active]
 
     kept: dict[str, Tensor] = {}

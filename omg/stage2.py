@@ -25,7 +25,7 @@ from omg.attention import RowLayout
 from omg.concept_weights import FaceRows, Role, StageTwoWeights, UNetPass
 from omg.crop import CropBox, concept_boxes, unet_multiple
 from omg.errors import OptionError, ScheduleError
-from omg.graphs import GraphedCall
+from omg.graphs import GraphedCall, GraphSet
 from omg.sampling import EpsDenoiser, NoiseSchedule, apply_guidance
 from omg.schedule import CallSchedule
 from omg.stage1 import Stage1Record
@@ -84,7 +84,7 @@ class BlendedEps:
                  present: Sequence[Sequence[int]], guidance: float, guidance_rescale: float = 0.0,
                  replay: bool = True, cuda_graphs: bool = False, controls: Optional["ControlStack"] = None,
                  control_concepts: bool = False, crop_margin: Optional[int] = None,
-                 faces: Optional["FacePasses"] = None):
+                 faces: Optional["FacePasses"] = None, graphs: Optional[GraphSet] = None):
         self.unet, self.record, self.weights = unet, record, weights
         self.controls, self.control_concepts = controls, control_concepts
         self.images = masks.shape[0]
@@ -116,8 +116,9 @@ class BlendedEps:
             base_rows = tuple(torch.cat([a, b]) for a, b in zip(base_rows, cond_only))
         concept_rows = [cfg_rows(c, self.images) for c in concept_cond]
         self.conds = [self._pass_cond(p, base_rows, concept_rows) for p in self.passes]
-        # one CUDA graph per role (base pass, each concept, or all in one), captured at its first call
-        self.cuda_graphs, self.graphs, self.graph_pool = cuda_graphs, {}, None
+        # one CUDA graph per role (base pass, each concept, or all in one), captured at its first call, or kept
+        # from an earlier run (graphs: a KeptGraphs' stage2)
+        self.cuda_graphs, self.graphs = cuda_graphs, graphs if graphs is not None else GraphSet()
         self.next_call = 0
         self.pending_checks: list[Tensor] = []  # the blending calls' timestep checks, read at the run's end
         self.evaluations = 0
@@ -286,19 +287,17 @@ class BlendedEps:
         rows): its output (rows, C, h, w) in fp32."""
         self.evaluations += x.shape[0]
         # the graph keeps this function: through a proxy, so that self.graphs -> graph -> function -> self is no
-        # reference cycle (one would keep stage 1's store, gigabytes, alive after generate until the next gc)
+        # reference cycle (one would keep stage 1's store, gigabytes, alive after generate until the next gc); a
+        # kept graph's function is called no more (GraphSet makes a call whose capture failed anew)
         this = weakref.proxy(self)
 
-        def forward(x_: Tensor, t_: Tensor) -> Tensor:  # x (rows, C, h, w) fp32, t (1,)
-            return this._forward(x_.to(this.dtype), t_.expand(x_.shape[0]), cond, role, acting, control_rows).float()
+        def forward(x_: Tensor, t_: Tensor, context: Tensor, y: Tensor) -> Tensor:  # x (rows, C, h, w) fp32, t (1,)
+            return this._forward(x_.to(this.dtype), t_.expand(x_.shape[0]), (context, y), role, acting,
+                                 control_rows).float()
         if not self.cuda_graphs:
-            return forward(x, t)
-        key = (role, acting, control_rows)
-        call = self.graphs.get(key)
-        if call is None:
-            if self.graph_pool is None:
-                self.graph_pool = torch.cuda.graph_pool_handle()  # the roles run one after another: one pool
-            # the casts run inside the graph; the blend reads the output before this graph's next replay (each
-            # role's graph replays once per blending call): no copy of it
-            call = self.graphs[key] = GraphedCall(forward, pool=self.graph_pool, copy_output=False)
-        return call(x, t)
+            return forward(x, t, *cond)
+        # the casts run inside the graph; the blend reads the output before this graph's next replay (each role's
+        # graph replays once per blending call): no copy of it
+        key = (role, acting, control_rows, x.shape, cond[0].shape, cond[1].shape)
+        call = self.graphs.get(key, lambda pool: GraphedCall(forward, pool=pool, copy_output=False))
+        return call(x, t, *cond)

@@ -96,3 +96,26 @@ def test_heatmaps_follow_token_attention():
     assert maps.shape == (2, 16, 24)
     assert torch.allclose(maps.sum(dim=(1, 2)), torch.ones(2), atol=1e-5)
     assert not torch.allclose(maps[0], maps[1])
+
+
+def test_reset_empties_the_heat_maps_in_place():
+    """A kept CUDA graph adds into the controller's heat sums and reads its token columns: reset zeroes and sets those
+    very tensors (omg.graphs.KeptGraphs)."""
+    unet = tiny_unet()
+    z, cond, uncond, y = inputs(unet.config, 1)
+    control = AttentionControl(unet, store="outputs", replay_calls=[0], heatmap_tokens=[1, 3],
+                               latent_hw=tuple(z.shape[-2:]))
+    with control, torch.no_grad():
+        control.set_call("capture", 0, RowLayout(images=1))
+        unet(torch.cat([z, z]), torch.tensor(400.0), torch.cat([uncond, cond]), y)
+    sums = dict(control.heatmaps.sums)
+    tokens = control.heatmaps.tokens(z.device)
+    assert sums and all(s.abs().sum() > 0 for s in sums.values())
+    outputs = dict(control.outputs)
+    control.reset([2, 5])
+    assert control.heatmaps.sums == sums and all(bool((s == 0).all()) for s in sums.values())
+    assert control.heatmaps.counts == {} and control.heatmaps.token_indices == [2, 5]
+    assert control.heatmaps.tokens(z.device) is tokens and tokens.tolist() == [2, 5]
+    assert all(control.outputs[k] is v for k, v in outputs.items())  # the store's buffers are kept
+    with pytest.raises(Exception, match="3"):
+        control.reset([1, 2, 3])

@@ -107,11 +107,67 @@ def test_graphed_generation_leaves_no_reference_cycle(tmp_path):
     gc.collect()
     gc.disable()
     try:
-        for lora_mode in ("grouped", "merged"):
+        for lora_mode, keep in (("grouped", False), ("merged", False), ("grouped", True)):
             r = omg.generate(model, PROMPT, concepts, steps=4, blend_steps=2, height=H, width=W, progress=False,
-                             cuda_graphs=True, lora_mode=lora_mode, store="outputs")
+                             cuda_graphs=True, lora_mode=lora_mode, store="outputs", keep_graphs=keep)
             assert r.store_bytes > 0
+            if keep:  # kept for the next call until released
+                omg.release_graphs(model)
             alive = [type(o).__name__ for o in gc.get_objects() if isinstance(o, (AttentionControl, BlendedEps))]
-            assert alive == [], (lora_mode, alive)
+            assert alive == [], (lora_mode, keep, alive)
     finally:
         gc.enable()
+
+
+def test_nothing_is_kept_without_graphs():
+    from omg.graphs import kept_graphs
+
+    model = tiny_model()
+    omg.generate(model, PROMPT, steps=2, blend_steps=1, height=H, width=W, progress=False)
+    assert kept_graphs(model.unet) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kept_graphs_replay_in_the_next_call_as_a_fresh_call_renders(tmp_path):
+    """keep_graphs: a second call of the same configuration (another prompt of the same length, another seed, masks
+    from its own attention) records no graph and gives the bits of a call that records its own; another LoRA strength
+    records stage 2's graph anew and keeps stage 1's."""
+    from omg.graphs import GraphedCall, kept_graphs, timed
+
+    model = tiny_model(device="cuda", dtype=torch.float16)
+    loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
+
+    def concepts(scale=0.8):
+        return [omg.Concept("man", "a photo of sks man", lora=loras[0], lora_scale=scale),
+                omg.Concept("woman", "a photo of xyz woman", lora=loras[1], lora_scale=scale)]
+
+    options = dict(steps=6, blend_steps=4, height=H, width=W, progress=False, cuda_graphs=True, store="outputs")
+    captures: list[GraphedCall] = []
+
+    def hook(call, kind, run):
+        if kind == "capture":
+            captures.append(call)
+        return run()
+
+    def render(prompt, seed, scale=0.8, keep=True):
+        captures.clear()
+        with timed(hook):
+            return omg.generate(model, prompt, concepts(scale), seed=seed, keep_graphs=keep, **options)
+
+    other = "a man and a woman in a garden"
+    render(PROMPT, 3)
+    assert kept_graphs(model.unet) is not None
+    second = render(other, 4)
+    assert captures == []
+    omg.release_graphs(model)
+    assert kept_graphs(model.unet) is None
+    fresh = render(other, 4, keep=False)
+    assert len(captures) == 2 and kept_graphs(model.unet) is None  # stage 1's graph and stage 2's one call
+    assert torch.equal(second.masks, fresh.masks) and torch.equal(second.latent, fresh.latent)
+    torch.testing.assert_close(second.heatmaps, fresh.heatmaps, rtol=1e-4, atol=1e-5)  # float atomics
+    render(other, 5)  # kept again
+    weaker = render(other, 5, scale=0.5)
+    assert len(captures) == 1  # stage 2 only: the concepts' factors changed
+    omg.release_graphs(model)
+    assert torch.equal(weaker.latent, render(other, 5, scale=0.5, keep=False).latent)

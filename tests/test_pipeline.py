@@ -160,8 +160,8 @@ def test_one_to_five_concepts(model, k):
     assert ((r.masks > 0).sum(0) <= 1).all()  # no latent pixel belongs to two concepts
     assert (r.masks.sum(0) <= 1 + 1e-6).all()
     found = sum(r.concept_masks.found)
-    # the default recompute store runs the base pass at batch 3 (the stage-1 row rides along)
-    assert r.unet_evaluations == 2 * STEPS + (3 + 2 * found) * BLEND
+    # the default store keeps stage 1's outputs here: the base pass runs at batch 2 (no stage-1 row rides along)
+    assert r.store == "outputs" and r.unet_evaluations == 2 * STEPS + (2 + 2 * found) * BLEND
     assert r.image.size == (W, H) and r.stage1_image.size == (W, H)
     assert set(r.timings) >= {"stage1", "masks", "stage2", "decode"}
 
