@@ -72,9 +72,10 @@ class StageTwoWeights(ABC):
         """The role's weights installed on the UNet for the duration of a with-block."""
 
     @abstractmethod
-    def identity(self) -> tuple:
+    def identity(self) -> Optional[tuple]:
         """What the roles install, by id: a CUDA graph recorded under them reads those tensors (omg.graphs.KeptGraphs
-        replays stage 2's graphs for weights of the same identity, this object kept alive)."""
+        replays stage 2's graphs for weights of the same identity, this object kept alive); None: made anew by each
+        generate call, so stage 2's graphs are not kept."""
 
 
 def _separate_passes(count: int, concept_role) -> list[UNetPass]:
@@ -115,5 +116,5 @@ class MergedWeights(StageTwoWeights):
             return self.weights[role.concept].applied(self.unet)  # a captured graph keeps these tensors' pointers
         return nullcontext()
 
-    def identity(self) -> tuple:  # merged anew by each generate call
-        return ("merged",) + tuple(id(w) for w in self.weights)
+    def identity(self) -> Optional[tuple]:  # merged anew by each generate call (keeping them would hold gigabytes)
+        return None

@@ -154,11 +154,15 @@ class KeptGraphs:
     stage2_key: Optional[tuple] = None
     stage2_refs: Any = None
 
-    def stage2_for(self, key: tuple, refs: Any) -> GraphSet:
-        """Stage 2's graphs for concept weights of identity `key` (a new, empty set when it changed)."""
-        if key != self.stage2_key:
+    def stage2_for(self, key: Optional[tuple], refs: Any) -> GraphSet:
+        """Stage 2's graphs for concept weights of identity `key`: the kept ones, or a new set when it changed (kept
+        for the next call), or for key None (weights made anew by each call) a set that is not kept."""
+        if key is None or key != self.stage2_key:
             self.stage2 = GraphSet()  # the old graphs and their pool are freed first
             self.stage2_key, self.stage2_refs = key, refs
+        if key is None:
+            self.stage2_refs = None
+            return GraphSet()
         return self.stage2
 
 

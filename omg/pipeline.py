@@ -105,8 +105,7 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
     inputs = _Inputs.check(model, prompt, concepts, options, noise)  # all that can fail before any weights move
     timer = _Timer(model.device)
     # every LoRA is loaded before sampling; the style LoRAs are in the base weights for the whole call (omg.style)
-    loras = [None if c.lora is None else c.lora if isinstance(c.lora, LoraFile) else load_lora(c.lora)
-             for c in concepts]
+    loras = _load_concept_loras(concepts)
     styles = load_styles(options.style_lora)
     # InstantID: every face (photos detected now) and both models before sampling
     faces = {i: f for i, f in zip([i for i, c in enumerate(concepts) if c.face is not None],
@@ -339,6 +338,29 @@ class _ConceptModels:
         if self.mode == "grouped":
             return GroupedWeights(self.unet, chosen, images)
         return MergedWeights(self.unet, chosen)
+
+
+# The LoRA files the last generate call read, by (real path, size, modification time): a repeated render reads
+# none again, so its concepts also keep their stacked factors and stage 2's CUDA graphs (omg.lora.grouped,
+# keep_graphs). Held until the next call.
+_last_loras: dict[tuple, LoraFile] = {}
+
+
+def _load_concept_loras(concepts: Sequence[Concept]) -> list[Optional[LoraFile]]:
+    global _last_loras
+    read: dict[tuple, LoraFile] = {}
+    loras: list[Optional[LoraFile]] = []
+    for c in concepts:
+        if c.lora is None or isinstance(c.lora, LoraFile):
+            loras.append(c.lora)
+            continue
+        st = os.stat(c.lora)
+        key = (os.path.realpath(c.lora), st.st_size, st.st_mtime_ns)
+        lora = read.get(key) or _last_loras.get(key) or load_lora(c.lora)
+        read[key] = lora
+        loras.append(lora)
+    _last_loras = read
+    return loras
 
 
 def _concept_conditioning(model: Any, concept: Concept, lora: Optional[LoraFile], o: OMGOptions,

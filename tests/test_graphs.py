@@ -113,7 +113,8 @@ def test_graphed_generation_leaves_no_reference_cycle(tmp_path):
             assert r.store_bytes > 0
             if keep:  # kept for the next call until released
                 omg.release_graphs(model)
-            alive = [type(o).__name__ for o in gc.get_objects() if isinstance(o, (AttentionControl, BlendedEps))]
+            # type(), not isinstance: a dead weak proxy among the objects raises on isinstance
+            alive = [type(o).__name__ for o in gc.get_objects() if type(o) in (AttentionControl, BlendedEps)]
             assert alive == [], (lora_mode, keep, alive)
     finally:
         gc.enable()
@@ -171,3 +172,18 @@ def test_kept_graphs_replay_in_the_next_call_as_a_fresh_call_renders(tmp_path):
     assert len(captures) == 1  # stage 2 only: the concepts' factors changed
     omg.release_graphs(model)
     assert torch.equal(weaker.latent, render(other, 5, scale=0.5, keep=False).latent)
+
+
+def test_kept_stage2_graphs_follow_the_concept_weights():
+    """Stage 2's kept graphs are those of weights of the same identity; a new identity replaces them (their weights
+    no longer held); None (merged weights, made anew by each call) is never kept, and lets go of what was."""
+    from omg.graphs import KeptGraphs
+
+    kept = KeptGraphs(key=(), control=None)
+    grouped = kept.stage2_for(("grouped", 1), refs="factors 1")
+    assert kept.stage2_for(("grouped", 1), refs="factors 1") is grouped and kept.stage2_refs == "factors 1"
+    other = kept.stage2_for(("grouped", 2), refs="factors 2")
+    assert other is not grouped and kept.stage2_refs == "factors 2"
+    merged = kept.stage2_for(None, refs="merged tensors")
+    assert merged is not kept.stage2 and kept.stage2_refs is None and kept.stage2_key is None
+    assert kept.stage2_for(None, refs="merged tensors") is not merged

@@ -319,3 +319,20 @@ def test_self_replay_layers_original_against_all(model, tmp_path, monkeypatch, s
     assert (results["original"].latent - results["all"].latent).abs().max().item() > 1e-4
     with pytest.raises(SamplingError, match="self_replay_layers"):
         run(model, concepts, self_replay_steps=2, self_replay_layers="some")
+
+
+def test_a_repeated_render_reads_its_lora_files_once(model, tmp_path, monkeypatch):
+    """Concepts given as paths: the next call reuses the files the last one read (so its stacked factors and kept
+    CUDA graphs too), unless a file changed on disk."""
+    import omg.pipeline as pipeline
+
+    path = kohya_lora(model, tmp_path / "a.safetensors", seed=1)
+    reads = []
+    monkeypatch.setattr(pipeline, "load_lora", lambda p: reads.append(p) or omg.lora.load_lora(p))
+    concepts = [omg.Concept("man", "a photo of sks man", lora=path, mask=(0, 0, 40, 64))]
+    first = run(model, concepts)
+    again = run(model, concepts)
+    assert len(reads) == 1 and torch.equal(first.latent, again.latent)
+    kohya_lora(model, tmp_path / "a.safetensors", seed=2)  # rewritten: other factors
+    changed = run(model, concepts)
+    assert len(reads) == 2 and not torch.equal(changed.latent, first.latent)
