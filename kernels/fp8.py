@@ -124,5 +124,7 @@ def fp8_matmul(x_q: Tensor, scale_a: Tensor, w_q: Tensor, scale_b: Tensor, bias:
                out_dtype: torch.dtype) -> Tensor:
     """(x_q scale_a) (w_q scale_b)ᵀ + bias: torch._scaled_mm on sm89+ GPUs, else the dequantised reference."""
     if scaled_mm_runs(x_q):
+        if bias is not None and out_dtype == torch.float32:  # _scaled_mm takes a bias for 16-bit outputs only
+            return torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype) + bias
         return torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
     return fp8_matmul_reference(x_q, scale_a, w_q, scale_b, bias, out_dtype)

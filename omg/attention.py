@@ -22,6 +22,7 @@ of chosen prompt tokens (the class nouns), from which the concept masks are made
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -227,7 +228,7 @@ class AttentionControl:
             raise OptionError(f"store must be one of {STORES}, not {store!r}")
         if map_format is not None and map_format not in kernels.MAP_FORMATS:
             raise OptionError(f"map_format must be one of {kernels.MAP_FORMATS} or None, not {map_format!r}")
-        self.unet = unet
+        self._unet = weakref.ref(unet)  # a kept controller (omg.graphs.KeptGraphs) must not keep its UNet alive
         self.map_format = map_format  # store="maps": None keeps probabilities in store_dtype, else kernels' format
         self.store = store
         self.replay_calls = frozenset(replay_calls)
@@ -244,6 +245,10 @@ class AttentionControl:
         self._slot: Optional[Tensor] = None
         self.heatmaps = (TokenHeatmaps(list(heatmap_tokens), latent_hw)
                          if heatmap_tokens and latent_hw else None)
+
+    @property
+    def unet(self) -> UNet:
+        return self._unet()
 
     @property
     def call(self) -> AttentionCall:

@@ -73,9 +73,9 @@ class StageTwoWeights(ABC):
 
     @abstractmethod
     def identity(self) -> Optional[tuple]:
-        """What the roles install, by id: a CUDA graph recorded under them reads those tensors (omg.graphs.KeptGraphs
-        replays stage 2's graphs for weights of the same identity, this object kept alive); None: made anew by each
-        generate call, so stage 2's graphs are not kept."""
+        """The objects holding what the roles install (compared by identity): a CUDA graph recorded under them reads
+        those tensors (omg.graphs.KeptGraphs replays stage 2's graphs for weights of the same identity, and keeps
+        them alive); None: made anew by each generate call, so stage 2's graphs are not kept."""
 
 
 def _separate_passes(count: int, concept_role) -> list[UNetPass]:
@@ -99,7 +99,7 @@ class GroupedWeights(StageTwoWeights):
         return nullcontext()
 
     def identity(self) -> tuple:  # the stacked factors are kept for the same LoRAs (omg.lora.grouped)
-        return ("grouped", self.lora.rows_per_concept) + tuple((n, id(layer)) for n, layer in self.lora.layers.items())
+        return ("grouped", self.lora.rows_per_concept) + tuple(self.lora.layers.items())
 
 
 class MergedWeights(StageTwoWeights):

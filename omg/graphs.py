@@ -103,6 +103,7 @@ class GraphedCall:
         if counts is not None:
             self.count_delta = {n: c - counts.get(n, 0) for n, c in self.heat.counts.items()}
             self.heat.counts = counts
+        self.fn = None  # replays never call it: let go of what it holds (a kept graph must not keep its UNet alive)
         return out
 
 
@@ -144,26 +145,22 @@ class KeptGraphs:
     timesteps, conditioning): the UNet's weights, the attention controller's tensors (heat sums, outputs store,
     slot: so the controller itself is kept, and reset for each run), the concepts' stacked LoRA factors. `key`
     names the controller's configuration and the weights (their addresses); stage 2's graphs also depend on the
-    concept weights, `stage2_key` (ids of `stage2_refs`, kept alive so that no id is reused). A run whose key
-    differs drops what is kept before it records anew.
+    concept weights, `stage2_key` (the objects holding the tensors they install, compared by identity). A run whose
+    key differs drops what is kept before it records anew. Nothing here refers to the UNet (the kept graphs outlive
+    no model: they are kept by a weak reference to it).
     """
     key: tuple
     control: Any  # omg.attention.AttentionControl
     stage1: GraphSet = field(default_factory=GraphSet)
     stage2: GraphSet = field(default_factory=GraphSet)
     stage2_key: Optional[tuple] = None
-    stage2_refs: Any = None
 
-    def stage2_for(self, key: Optional[tuple], refs: Any) -> GraphSet:
+    def stage2_for(self, key: Optional[tuple]) -> GraphSet:
         """Stage 2's graphs for concept weights of identity `key`: the kept ones, or a new set when it changed (kept
         for the next call), or for key None (weights made anew by each call) a set that is not kept."""
         if key is None or key != self.stage2_key:
-            self.stage2 = GraphSet()  # the old graphs and their pool are freed first
-            self.stage2_key, self.stage2_refs = key, refs
-        if key is None:
-            self.stage2_refs = None
-            return GraphSet()
-        return self.stage2
+            self.stage2, self.stage2_key = GraphSet(), key  # the old graphs and their pool are freed first
+        return GraphSet() if key is None else self.stage2
 
 
 _kept: "weakref.WeakKeyDictionary[torch.nn.Module, KeptGraphs]" = weakref.WeakKeyDictionary()

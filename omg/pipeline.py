@@ -181,7 +181,7 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
                             [[j for j, i in enumerate(active) if m.found[i]] for m in concept_masks],
                             o.guidance, o.guidance_rescale, o.replay, inputs.cuda_graphs, controls,
                             o.control_concepts, o.crop_margin if o.concept_crop else None, face_passes,
-                            kept.stage2_for(weights.identity(), weights) if kept is not None else None)
+                            kept.stage2_for(weights.identity()) if kept is not None else None)
         with stage2:
             # steps before the blend start are answered from stage 1's record: the bar counts the blending ones
             final = run_sampler(stage2, noise, sigmas, o.sampler, schedule=noise_schedule, disable=not o.progress,

@@ -175,15 +175,16 @@ def test_kept_graphs_replay_in_the_next_call_as_a_fresh_call_renders(tmp_path):
 
 
 def test_kept_stage2_graphs_follow_the_concept_weights():
-    """Stage 2's kept graphs are those of weights of the same identity; a new identity replaces them (their weights
-    no longer held); None (merged weights, made anew by each call) is never kept, and lets go of what was."""
+    """Stage 2's kept graphs are those of weights of the same identity; a new identity replaces them (its objects
+    held by the key instead); None (merged weights, made anew by each call) is never kept, and lets go of what was."""
     from omg.graphs import KeptGraphs
 
+    factors, others = object(), object()
     kept = KeptGraphs(key=(), control=None)
-    grouped = kept.stage2_for(("grouped", 1), refs="factors 1")
-    assert kept.stage2_for(("grouped", 1), refs="factors 1") is grouped and kept.stage2_refs == "factors 1"
-    other = kept.stage2_for(("grouped", 2), refs="factors 2")
-    assert other is not grouped and kept.stage2_refs == "factors 2"
-    merged = kept.stage2_for(None, refs="merged tensors")
-    assert merged is not kept.stage2 and kept.stage2_refs is None and kept.stage2_key is None
-    assert kept.stage2_for(None, refs="merged tensors") is not merged
+    grouped = kept.stage2_for(("grouped", factors))
+    assert kept.stage2_for(("grouped", factors)) is grouped and kept.stage2_key[1] is factors
+    other = kept.stage2_for(("grouped", others))
+    assert other is not grouped and kept.stage2_key[1] is others
+    merged = kept.stage2_for(None)
+    assert merged is not kept.stage2 and kept.stage2_key is None
+    assert kept.stage2_for(None) is not merged
