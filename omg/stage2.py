@@ -296,8 +296,11 @@ class BlendedEps:
                                  control_rows).float()
         if not self.cuda_graphs:
             return forward(x, t, *cond)
-        # the casts run inside the graph; the blend reads the output before this graph's next replay (each role's
-        # graph replays once per blending call): no copy of it
+        # the casts run inside the graph. One pass a step: the blend reads its output before the next replay, so no
+        # copy of it. Several: the step's other graphs replay before the blend, and they share one memory pool in
+        # which a graph recorded later (a ControlNet's window opening mid-run) may place its output where an
+        # earlier graph keeps temporaries: each output is copied out (seen as graphs != eager, merged concepts with
+        # two ControlNet windows)
         key = (role, acting, control_rows, x.shape, cond[0].shape, cond[1].shape)
-        call = self.graphs.get(key, lambda pool: GraphedCall(forward, pool=pool, copy_output=False))
+        call = self.graphs.get(key, lambda pool: GraphedCall(forward, pool=pool, copy_output=not self.one_call))
         return call(x, t, *cond)
