@@ -120,7 +120,7 @@ def test_timed_graphed_call_returns_what_the_untimed_one_does():
 
 def test_report_row_shows_the_overhead_when_measured_and_not_measured_otherwise():
     d = json.load(open(os.path.join(report.RESULTS, "omg_h200.json")))
-    assert "step_overhead_ms" not in d["summary"]
+    d["summary"] = {key: v for key, v in d["summary"].items() if "overhead" not in key}  # a run without --step-profile
     assert "| per-step overhead outside the UNet < 10 ms (k = 2, CUDA graphs, median step) | not measured" in \
         report.h200_targets_section(d)
     measured = copy.deepcopy(d)
