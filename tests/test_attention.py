@@ -119,3 +119,17 @@ def test_reset_empties_the_heat_maps_in_place():
     assert all(control.outputs[k] is v for k, v in outputs.items())  # the store's buffers are kept
     with pytest.raises(Exception, match="3"):
         control.reset([1, 2, 3])
+
+
+def test_auto_store_counts_the_kept_store_as_free(monkeypatch):
+    """store="auto" keeps the outputs when they take at most half the free memory; the store a kept graph set holds
+    (freed or reused by the run) counts as free, so repeated renders do not flip between stores."""
+    import omg.attention as attention
+
+    monkeypatch.setattr(attention, "free_memory", lambda device: 100)
+    assert attention.choose_store("auto", 50, torch.device("cpu")) == "outputs"
+    assert attention.choose_store("auto", 51, torch.device("cpu")) == "recompute"
+    assert attention.choose_store("auto", 80, torch.device("cpu"), reclaimable=60) == "outputs"
+    assert attention.choose_store("maps", 10**12, torch.device("cpu")) == "maps"  # as asked
+    monkeypatch.setattr(attention, "free_memory", lambda device: None)
+    assert attention.choose_store("auto", 1, torch.device("cpu")) == "recompute"  # unknown: nothing kept
