@@ -188,3 +188,39 @@ def test_kept_stage2_graphs_follow_the_concept_weights():
     merged = kept.stage2_for(None)
     assert merged is not kept.stage2 and kept.stage2_key is None
     assert kept.stage2_for(None) is not merged
+
+
+def test_a_kept_controller_serves_only_its_configuration():
+    """What decides whether a call reuses the kept graphs (checked on the CPU by forcing keepable): the same
+    configuration gets the kept controller back, reset; another store, size, replay setting or changed weights get a
+    new one, and what was kept is dropped."""
+    from types import SimpleNamespace
+
+    from omg.graphs import kept_graphs, release_graphs
+    from omg.pipeline import _attention_control
+    from omg.sampling import NoiseSchedule
+    from omg.schedule import CallSchedule
+
+    model = tiny_model()
+    schedule = NoiseSchedule.sdxl()
+    calls = CallSchedule.plan("ddim", schedule.sampling_sigmas(4, "leading", to_zero=False), 2, schedule)
+    inputs = SimpleNamespace(heat_tokens=[2, 5])
+
+    def control(**changes):
+        o = omg.OMGOptions(steps=4, blend_steps=2, height=H, width=W, store="outputs").replace(**changes)
+        return _attention_control(model, calls, (o.height // 8, o.width // 8), 1, o, inputs, keepable=True)
+
+    first, kept = control()
+    assert kept_graphs(model.unet) is kept and kept.control is first
+    again, kept_again = control()
+    assert again is first and kept_again is kept
+    for changes in (dict(store="recompute"), dict(replay=False), dict(height=H + 8)):
+        other, kept_other = control(**changes)
+        assert other is not first and kept_other is not kept, changes
+        first, kept = control()  # back to the first configuration: a new controller again
+    name, param = next(iter(model.unet.named_parameters()))
+    module, leaf = model.unet.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+    setattr(module, leaf, torch.nn.Parameter(param.detach().clone()))  # a weight replaced: other addresses
+    assert control()[0] is not first
+    release_graphs(model.unet)
+    assert kept_graphs(model.unet) is None
