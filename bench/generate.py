@@ -33,7 +33,8 @@ from omg import graphs as omg_graphs
 from omg.graphs import GraphedCall
 from omg.lora import bind, load_lora
 from omg.model import SDXL
-from omg.pipeline import Concept, generate, release_graphs
+from omg.graphs import release_graphs
+from omg.pipeline import Concept, generate
 from omg.text import SDXLTextEncoder
 from omg.unet import UNetConfig
 from omg.vae import AutoencoderKL, VAEConfig

@@ -146,8 +146,7 @@ def fast_mode_quality_rows() -> list[list[str]]:
     world against omg on the same seeds: identity within 0.03, >= 35 dB PSNR outside the masks."""
     rows = []
     for mode, label in (("omg_crop", "concept_crop"), ("omg_fp8", "fp8")):
-        run = next((q for q in _load("quality_" + mode.split("_")[1]) + _load("quality")
-                    if f"{mode}_minus_omg_identity" in q.get("fast_modes", {})), None)
+        run = next((q for q in _load("quality") if f"{mode}_minus_omg_identity" in q.get("fast_modes", {})), None)
         if run is None:
             continue
         f = run["fast_modes"]

@@ -18,9 +18,12 @@ __all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Control", "load_contro
 
 def __getattr__(name: str):
     # the samplers pull in the text stack (transformers, open_clip): import them on first use
-    if name in ("Concept", "Result", "generate", "release_graphs"):
+    if name in ("Concept", "Result", "generate"):
         from omg import pipeline
         return getattr(pipeline, name)
+    if name == "release_graphs":
+        from omg.graphs import release_graphs
+        return release_graphs
     if name == "check_request":
         from omg.pipeline import check_request
         return check_request

@@ -9,7 +9,7 @@ same shapes, same processor mode and stores, same weights (the graph keeps the p
 callers in omg.pipeline use it only where that holds (a store other than "maps", no self-attention replay).
 
 KeptGraphs carries one generate call's graphs to the next on the same UNet (generate's `keep_graphs`): a repeated
-render with the same configuration records nothing (0.5 s of the k = 2 image on the H200).
+render with the same configuration records nothing.
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ class GraphedCall:
     The first call runs fn eagerly (on a side stream, as torch advises: lazy library init, Triton compilation)
     and returns that result, then records the graph; later calls copy their inputs into the graph's static
     buffers, replay it and return a clone of its output, so callers may keep it, or, with copy_output=False, the
-    graph's output buffer itself (no copy per call): valid until the next replay of this graph, for callers that
-    are done with it by then (omg's stages: guidance and the blend read it at once and make new tensors). ``heat`` (an
+    graph's output buffer itself (no copy per call): valid until the next replay of this graph or of another graph
+    of the same memory pool (one recorded later may use the buffer's memory for its temporaries), for callers that
+    are done with it by then (omg's stages with one call a step: guidance and the blend read it at once). ``heat`` (an
     omg.attention.TokenHeatmaps the call accumulates into) stays exact: recording runs no kernel, so only
     the Python-side layer counts moved, and they are set back and advanced by the same amount per replay.
     Shapes must not change between calls (a new shape is a new graph: build another GraphedCall).
@@ -112,7 +113,7 @@ _capture_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per device for every warm-up and capture: libraries keep per-stream state (cuBLAS a
-    workspace per stream, 64 MiB more device memory with each new stream, measured on the H200)."""
+    workspace per stream: each new stream held more device memory)."""
     stream = _capture_streams.get(device)
     if stream is None:
         stream = _capture_streams[device] = torch.cuda.Stream(device)
@@ -175,9 +176,10 @@ def keep_graphs(unet: torch.nn.Module, kept: KeptGraphs) -> None:
     _kept[unet] = kept
 
 
-def release_graphs(unet: torch.nn.Module) -> None:
-    """Free the CUDA graphs (their memory pools) and the replay store that generate kept on this UNet."""
-    _kept.pop(unet, None)
+def release_graphs(model: Any) -> None:
+    """Free the CUDA graphs (their memory pools) and the replay store that generate kept for its next call
+    (keep_graphs) on this model (an omg.SDXL or its UNet)."""
+    _kept.pop(getattr(model, "unet", model), None)
 
 
 @contextmanager

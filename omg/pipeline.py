@@ -30,8 +30,7 @@ from omg.errors import LoraError, OptionError, SamplingError
 from omg.faces import FaceError, check_face_source, detect_faces
 from omg.fp8 import fp8_linears
 from omg.instantid import FacePasses, check_instantid, load_faces, load_instantid
-from omg.graphs import KeptGraphs, graphs_usable, keep_graphs, kept_graphs
-from omg.graphs import release_graphs as _release_graphs
+from omg.graphs import KeptGraphs, graphs_usable, keep_graphs, kept_graphs, release_graphs
 from omg.inputs import check_model
 from omg.lora import ConceptWeights, LoraFile, bind, load_lora, text_encoder_lora
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks, token_heatmaps
@@ -226,7 +225,7 @@ def _attention_control(model: Any, calls: CallSchedule, latent_hw: tuple[int, in
     if keepable and kept is not None and kept.key == config:
         kept.control.reset(inputs.heat_tokens)
         return kept.control, kept
-    _release_graphs(unet)
+    release_graphs(unet)
     control = AttentionControl(unet, store, replay_calls=calls.blend_calls, self_replay_calls=self_replay_calls,
                                store_dtype=store_dtype, heatmap_tokens=inputs.heat_tokens, latent_hw=latent_hw,
                                map_format=o.map_format, self_replay_max_queries=max_queries)
@@ -235,12 +234,6 @@ def _attention_control(model: Any, calls: CallSchedule, latent_hw: tuple[int, in
     kept = KeptGraphs(config, control)
     keep_graphs(unet, kept)
     return control, kept
-
-
-def release_graphs(model: Any) -> None:
-    """Free the CUDA graphs and the replay store that generate keeps on the model for its next call
-    (keep_graphs)."""
-    _release_graphs(getattr(model, "unet", model))
 
 
 def check_request(prompt: str, concepts: Sequence[Concept], options: OMGOptions) -> None:

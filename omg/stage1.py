@@ -56,7 +56,7 @@ def run_stage1(unet: torch.nn.Module, noise: Tensor, sigmas: Tensor, sampler: st
                controls: Optional["ControlStack"] = None, graphs: Optional[GraphSet] = None) -> Stage1Result:
     """Sample the global prompt for noise (B, C, h, w) with base_cond [uncond x B; cond x B].
 
-    cuda_graphs: replay the UNet call as one CUDA graph (valid with store="recompute" and no self-attention
+    cuda_graphs: replay the UNet call as one CUDA graph (valid with a store other than "maps" and no self-attention
     replay: then every stage-1 call runs the same processors; see omg.graphs). callback(StepInfo) runs every step.
     controls: ControlNets whose residuals feed every call of the steps where they act (omg.control).
     graphs: where the CUDA graphs are kept (a KeptGraphs' stage1: those of an earlier run are replayed); their

@@ -93,8 +93,8 @@ def _stack_linears(entries: list[tuple[str, nn.Linear, list[list[Patch]]]]) -> d
 
 
 # The last stacking per base model (one entry, dropped with the model): repeated renders with the same concepts skip
-# it (for two rank-64 concepts on every kohya target, 0.6 s of host time before stage 2 on the H200). The entry
-# holds the adapters its key names by id, so no id in it can be reused while it lives.
+# it (host-bound work that otherwise delays stage 2's first step). The entry holds the adapters its key names by
+# id, so no id in it can be reused while it lives.
 _last_stacking: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, dict[str, _Stacked]]]" = \
     weakref.WeakKeyDictionary()
 
