@@ -178,17 +178,23 @@ def h200_targets_section(d: dict, steps: Optional[dict] = None, others: Sequence
     crops = [r for r in rows_ if r["k"] == 2 and r.get("crop_margin") is not None]
     fp8 = [r for r in rows_ if r["k"] == 2 and r.get("fp8")]
     speedup = ref["total_s"] / k[2]["seconds"]
+    # the original's schedule is host-bound and its time moves with the host between runs (ours is GPU-bound): the
+    # target is judged against its fastest time over the runs of this command, not the luckiest ratio
+    fastest_ref = min([ref["total_s"]] + [o["reference"]["total_s"] for o in others])
+    robust = fastest_ref / k[2]["seconds"]
     fastest = min([k[2], merged] + crops + fp8, key=lambda r: r["seconds"])
     first = (f", {s['k2_first_s']:.2f} s the configuration's first image (graph recording, LoRA stacking)"
              if s.get("k2_first_s") is not None else "")
     rows = [["exact path: k = 2 <= 6.0 s (default mode)", f"{k[2]['seconds']:.2f} s warm (repeated renders){first}, "
              f"{s['k2_cold_s']:.2f} s cold (the process's first image)", _yes(k[2]["seconds"] <= 6.0)],
-            [">= 4.7x the original's schedule (same command)",
+            [">= 4.7x the original's schedule (same command; judged against its fastest run)",
              f"{speedup:.2f}x ({ref['total_s']:.2f} s, {ref['unet_evaluations']} evaluations)" + "".join(
-                 f"; an earlier run of the command ({o['date'][11:16]}): "
+                 f"; an earlier run of the command ({o['date'][:10]} {o['date'][11:16]}, the code of then): "
                  f"{o['summary']['k2_speedup_vs_reference']:.2f}x ({o['reference']['total_s']:.2f} s against "
-                 f"{o['summary']['k2_warm_s']:.2f} s)" for o in others),
-             _yes(speedup >= 4.7)],
+                 f"omg's {o['summary']['k2_warm_s']:.2f} s)" for o in others)
+             + (f"; against the original's fastest time of these runs ({fastest_ref:.2f} s): {robust:.2f}x"
+                if others else ""),
+             _yes(robust >= 4.7)],
             ["time(k = 5) / time(k = 1) <= 2.0", f"{s['time_k5_over_k1']:.2f}", _yes(s["time_k5_over_k1"] <= 2.0)],
             ["a low-memory configuration: peak k = 2 <= 14 GB, beside the fastest one",
              f"store recompute, grouped {low['peak_gib']:.2f} GiB = {low['peak_gib'] * GIB / 1e9:.1f} GB in "

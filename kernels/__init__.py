@@ -1,8 +1,8 @@
 """Triton kernels for OMG, each beside its PyTorch reference, and the dispatch between them.
 
 Modules: kernels.cross_attention (fused short-key attention: plain, capture, replay), kernels.blend,
-kernels.norm and kernels.ffn (the UNet's GroupNorm(+SiLU) and GEGLU, fused), kernels.fp8 (e4m3 matmuls with
-per-row scales: the activations' quantisation fused).
+kernels.norm, kernels.residual_norm and kernels.ffn (the UNet's GroupNorm(+SiLU), residual add + LayerNorm and
+GEGLU, fused), kernels.fp8 (e4m3 matmuls with per-row scales: the activations' quantisation fused).
 
 The functions here call the custom ops of kernels.ops (torch.ops.omg.*, which torch.compile traces as single
 nodes): each runs the Triton kernel when every tensor is on CUDA, triton imports, the kernel supports the
@@ -18,6 +18,8 @@ autograd (a tensor needs a gradient) the references run directly, as the kernels
     blend_eps(base_u, base_c, concept_eps, masks)              the blended halves (for rescaled guidance)
     group_norm(x, groups, weight, bias, eps, shift, silu)      silu(GroupNorm(x + shift)), two passes
     norm_act(norm, x, shift, silu)                             the same for an nn.GroupNorm
+    layer_norm(norm, x)                                        an nn.LayerNorm's output, one pass
+    add_layer_norm(norm, x, delta)                             (x + delta, norm(x + delta)) in one pass
     geglu(h)                                                   a · gelu(g) of h = [a, g] in one pass
     quantize_rows(x)                                           (e4m3 x / scale, scale = row amax / 448), one pass
     fp8_linear(x, w_q, w_scale, bias)                          x wᵀ + b as an e4m3 GEMM (w from quantize_weight)
@@ -41,13 +43,15 @@ from kernels.cross_attention import (LOG8_STEP, MAP_FORMATS, Captured, capture_m
 from kernels.ffn import geglu_reference
 from kernels.fp8 import fp8_matmul, fp8_matmul_reference, quantize_rows_reference, quantize_weight
 from kernels.norm import group_norm_reference
+from kernels.residual_norm import add_layer_norm_reference, layer_norm_reference
 
 __all__ = ["HAS_TRITON", "LOG8_STEP", "MAP_FORMATS", "Captured", "use_triton", "supports", "attention", "capture",
            "capture_maps", "replay", "replay_maps", "blend_guided", "blend_eps", "decode_maps", "encode_maps",
            "cross_attention_reference", "capture_reference", "capture_maps_reference", "replay_reference",
            "replay_maps_reference", "blend_guided_reference", "blend_eps_reference", "group_norm", "norm_act", "geglu",
-           "group_norm_reference", "geglu_reference", "quantize_rows", "quantize_rows_reference", "quantize_weight",
-           "fp8_linear", "fp8_matmul", "fp8_matmul_reference"]
+           "layer_norm", "add_layer_norm", "layer_norm_reference", "add_layer_norm_reference", "group_norm_reference",
+           "geglu_reference", "quantize_rows", "quantize_rows_reference", "quantize_weight", "fp8_linear", "fp8_matmul",
+           "fp8_matmul_reference"]
 
 
 def use_triton(*tensors: Optional[Tensor]) -> bool:
@@ -164,6 +168,25 @@ def geglu(h: Tensor) -> Tensor:
 def norm_act(norm: torch.nn.GroupNorm, x: Tensor, shift: Optional[Tensor] = None, silu: bool = True) -> Tensor:
     """silu(norm(x + shift[:, :, None, None])) for an nn.GroupNorm `norm` (shift and silu optional)."""
     return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift, silu)
+
+
+def layer_norm(norm: torch.nn.LayerNorm, x: Tensor) -> Tensor:
+    """norm(x) for an nn.LayerNorm over the last axis."""
+    if len(norm.normalized_shape) != 1:
+        return norm(x)
+    if _needs_grad(x, norm.weight, norm.bias):
+        return layer_norm_reference(x, norm.weight, norm.bias, norm.eps)
+    return torch.ops.omg.layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+
+def add_layer_norm(norm: torch.nn.LayerNorm, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """(x + delta, norm(x + delta)): a residual add and the LayerNorm after it."""
+    if len(norm.normalized_shape) != 1:
+        s = x + delta
+        return s, norm(s)
+    if _needs_grad(x, delta, norm.weight, norm.bias):
+        return add_layer_norm_reference(x, delta, norm.weight, norm.bias, norm.eps)
+    return torch.ops.omg.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,13 @@ and the SiLU after it and the timestep-embedding add before it (ResBlock: conv(x
 passes. Here pass 1 splits every group into chunks and writes each chunk's count, mean and centred sum of
 squares; pass 2 combines them (Chan et al.'s parallel variance, stable in fp32) and writes the normalised,
 activated output, so the tensor is read twice and written once.
-NCHW contiguous input, any float dtype; statistics and arithmetic in fp32, one rounding at the output.
+
+Channels-last input (B, H, W, C in memory: the UNet's layout on CUDA, where cuDNN's convolutions run natively
+and the transformers' token views need no transposes) takes a second set of kernels over [pixels, channels]
+tiles, each row of a tile contiguous: pass 1 keeps each channel's running mean and centred sum of squares over
+a split of the pixels, a small pass combines a group's channels and splits into its mean and 1/std, and pass 2
+writes the output in the input's layout.
+Contiguous or channels-last input, any float dtype; statistics and arithmetic in fp32, one rounding at the output.
 """
 from __future__ import annotations
 
@@ -21,6 +27,19 @@ from torch import Tensor
 from kernels._triton import tl, triton
 
 CHUNK = 4096  # elements per program
+BLOCK_PIXELS, BLOCK_CHANNELS = 32, 128  # channels-last tiles
+SPLIT_TARGET = 512  # channels-last pass 1: about this many programs, each over a split of the pixels
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """A 4-d tensor laid out (B, H, W, C) in memory and not also plain contiguous (where the two coincide, the
+    contiguous kernels serve it): the layout the channels-last kernels take and return."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def output_layout(x: Tensor) -> torch.memory_format:
+    """The layout of group_norm's output for input x: channels-last for channels-last x, else contiguous."""
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def group_norm_reference(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -87,9 +106,118 @@ def _apply_kernel(X, SHIFT, W, B, Y, PART_MEAN, PART_M2, group_size, hw, channel
     tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _stats_nhwc_kernel(X, SHIFT, PART_MEAN, PART_M2, hw, channels, pixels_per_split, n_splits,
+                       HAS_SHIFT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < channels
+    start = split * pixels_per_split
+    stop = tl.minimum(start + pixels_per_split, hw)
+    base = X + b.to(tl.int64) * hw * channels
+    # sums of x - k with k the split's first pixel (shifted data: stable while k is near the mean, which a sample
+    # of the channel is), accumulated per element and reduced once at the end; the timestep shift cancels in x - k
+    k = tl.load(base + start.to(tl.int64) * channels + cs, mask=c_ok, other=0.0).to(tl.float32)
+    s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(start, stop, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        ok = (ps < stop)[:, None] & c_ok[None, :]
+        x = tl.load(base + ps[:, None].to(tl.int64) * channels + cs[None, :], mask=ok, other=0.0).to(tl.float32)
+        d = tl.where(ok, x - k[None, :], 0.0)
+        s1 += d
+        s2 += d * d
+    n = (stop - start).to(tl.float32)
+    sum1 = tl.sum(s1, axis=0)
+    mean = k + sum1 / n
+    if HAS_SHIFT:
+        mean += tl.load(SHIFT + b * channels + cs, mask=c_ok, other=0.0).to(tl.float32)
+    out = (b * n_splits + split) * channels + cs
+    tl.store(PART_MEAN + out, mean, mask=c_ok)
+    tl.store(PART_M2 + out, tl.maximum(tl.sum(s2, axis=0) - sum1 * sum1 / n, 0.0), mask=c_ok)
+
+
+@triton.jit
+def _combine_nhwc_kernel(PART_MEAN, PART_M2, MEAN, RSTD, hw, channels, channels_per_group, groups,
+                         pixels_per_split, n_splits, eps, SPLITS_P2: tl.constexpr, CPG_P2: tl.constexpr):
+    bg = tl.program_id(0)
+    b = bg // groups
+    s = tl.arange(0, SPLITS_P2)
+    j = tl.arange(0, CPG_P2)
+    ok = (s < n_splits)[:, None] & (j < channels_per_group)[None, :]
+    c = (bg % groups) * channels_per_group + j
+    at = (b * n_splits + s)[:, None] * channels + c[None, :]
+    part_mean = tl.load(PART_MEAN + at, mask=ok, other=0.0)
+    part_m2 = tl.load(PART_M2 + at, mask=ok, other=0.0)
+    counts = tl.minimum(hw - s * pixels_per_split, pixels_per_split).to(tl.float32)
+    counts = tl.where(ok, counts[:, None], 0.0)
+    total = tl.cast(hw, tl.float32) * tl.cast(channels_per_group, tl.float32)
+    mean = tl.sum(tl.sum(counts * part_mean, axis=1), axis=0) / total
+    delta = tl.where(ok, part_mean - mean, 0.0)
+    var = (tl.sum(tl.sum(part_m2, axis=1), axis=0) + tl.sum(tl.sum(counts * delta * delta, axis=1), axis=0)) / total
+    tl.store(MEAN + bg, mean)
+    tl.store(RSTD + bg, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def _apply_nhwc_kernel(X, SHIFT, W, B, Y, MEAN, RSTD, hw, channels, channels_per_group, groups,
+                       HAS_SHIFT: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0)
+    ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < channels
+    ok = (ps < hw)[:, None] & c_ok[None, :]
+    at = b.to(tl.int64) * hw * channels + ps[:, None].to(tl.int64) * channels + cs[None, :]
+    x = tl.load(X + at, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        x += tl.load(SHIFT + b * channels + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    g = b * groups + cs // channels_per_group
+    mean = tl.load(MEAN + g, mask=c_ok, other=0.0)
+    rstd = tl.load(RSTD + g, mask=c_ok, other=0.0)
+    y = (x - mean[None, :]) * rstd[None, :]
+    if HAS_AFFINE:
+        w = tl.load(W + cs, mask=c_ok, other=1.0).to(tl.float32)
+        bias = tl.load(B + cs, mask=c_ok, other=0.0).to(tl.float32)
+        y = y * w[None, :] + bias[None, :]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(Y + at, y.to(Y.dtype.element_ty), mask=ok)
+
+
+def _group_norm_nhwc(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                     shift: Optional[Tensor], silu: bool) -> Tensor:
+    batch, channels, h, w = x.shape
+    hw = h * w
+    channel_blocks = triton.cdiv(channels, BLOCK_CHANNELS)
+    wanted = max(1, SPLIT_TARGET // (batch * channel_blocks))
+    pixels_per_split = triton.cdiv(triton.cdiv(hw, wanted), BLOCK_PIXELS) * BLOCK_PIXELS
+    n_splits = triton.cdiv(hw, pixels_per_split)
+    part_mean = torch.empty(batch, n_splits, channels, device=x.device, dtype=torch.float32)
+    part_m2 = torch.empty_like(part_mean)
+    mean = torch.empty(batch * groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    shift_arg = shift.contiguous() if shift is not None else x
+    _stats_nhwc_kernel[(batch, n_splits, channel_blocks)](
+        x, shift_arg, part_mean, part_m2, hw, channels, pixels_per_split, n_splits, HAS_SHIFT=shift is not None,
+        BLOCK_P=BLOCK_PIXELS, BLOCK_C=BLOCK_CHANNELS, num_warps=4)
+    cpg = channels // groups
+    _combine_nhwc_kernel[(batch * groups,)](
+        part_mean, part_m2, mean, rstd, hw, channels, cpg, groups, pixels_per_split, n_splits, eps,
+        SPLITS_P2=triton.next_power_of_2(n_splits), CPG_P2=triton.next_power_of_2(cpg), num_warps=4)
+    has_affine = weight is not None
+    _apply_nhwc_kernel[(batch, triton.cdiv(hw, BLOCK_PIXELS), channel_blocks)](
+        x, shift_arg, weight if has_affine else x, bias if has_affine else x, y, mean, rstd, hw, channels, cpg,
+        groups, HAS_SHIFT=shift is not None, HAS_AFFINE=has_affine, SILU=silu, BLOCK_P=BLOCK_PIXELS,
+        BLOCK_C=BLOCK_CHANNELS, num_warps=4)
+    return y
+
+
 def group_norm_triton(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                       shift: Optional[Tensor] = None, silu: bool = False) -> Tensor:
-    """The kernel; x contiguous (B, C, *spatial) with C divisible by groups."""
+    """The kernels; x (B, C, *spatial) with C divisible by groups, output in output_layout(x)."""
     batch, channels = x.shape[:2]
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
@@ -97,6 +225,8 @@ def group_norm_triton(x: Tensor, groups: int, weight: Optional[Tensor], bias: Op
         raise ValueError("give both weight and bias (affine) or neither")
     if shift is not None and tuple(shift.shape) != (batch, channels):
         raise ValueError(f"shift must be (batch, channels) = {(batch, channels)}, got {tuple(shift.shape)}")
+    if is_channels_last(x):
+        return _group_norm_nhwc(x, groups, weight, bias, eps, shift, silu)
     x = x.contiguous()
     hw = x[0, 0].numel()
     group_size = channels // groups * hw

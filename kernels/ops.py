@@ -25,6 +25,7 @@ from kernels import cross_attention as _ca
 from kernels import ffn as _ffn
 from kernels import fp8 as _fp8
 from kernels import norm as _norm
+from kernels import residual_norm as _ln
 from kernels._triton import HAS_TRITON
 
 TRITON_ON_CPU = False  # tests only: run the kernels on CPU tensors (meaningful under TRITON_INTERPRET=1)
@@ -61,16 +62,52 @@ def _empty_maps(like: Tensor) -> Tensor:
 @torch.library.custom_op("omg::group_norm", mutates_args=())
 def group_norm(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                shift: Optional[Tensor], silu: bool) -> Tensor:
-    """silu(GroupNorm(x + shift)); contiguous output."""
+    """silu(GroupNorm(x + shift)); output laid out as kernels.norm.output_layout(x) (channels-last in, out)."""
     if runs_triton(x, weight, bias, shift) and x.dtype != torch.float64:
         return _norm.group_norm_triton(x, groups, weight, bias, eps, shift, silu)
-    return _norm.group_norm_reference(x, groups, weight, bias, eps, shift, silu).contiguous()
+    # the values of contiguous input whatever the layout (torch's CPU channels-last GroupNorm sums another way)
+    out = _norm.group_norm_reference(x.contiguous(), groups, weight, bias, eps, shift, silu)
+    return out.contiguous(memory_format=_norm.output_layout(x))
 
 
 @group_norm.register_fake
 def _(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
       shift: Optional[Tensor], silu: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=_norm.output_layout(x))
+
+
+# ------------------------------------------------------------------------------------------ layer norm
+
+@torch.library.custom_op("omg::layer_norm", mutates_args=())
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """LayerNorm over the last axis; contiguous output."""
+    if runs_triton(x, weight, bias) and _ln.supports(x):
+        return _ln.layer_norm_triton(x, weight, bias, eps)
+    return _ln.layer_norm_reference(x, weight, bias, eps).contiguous()
+
+
+@layer_norm.register_fake
+def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("omg::add_layer_norm", mutates_args=())
+def add_layer_norm(x: Tensor, delta: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                   ) -> tuple[Tensor, Tensor]:
+    """(x + delta, LayerNorm(x + delta)); contiguous outputs."""
+    if runs_triton(x, delta, weight, bias) and _ln.supports(x) and delta.shape == x.shape \
+            and delta.dtype == x.dtype:
+        return _ln.add_layer_norm_triton(x, delta, weight, bias, eps)
+    s, y = _ln.add_layer_norm_reference(x, delta, weight, bias, eps)
+    return s.contiguous(), y.contiguous()
+
+
+@add_layer_norm.register_fake
+def _(x: Tensor, delta: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+      ) -> tuple[Tensor, Tensor]:
+    shape = torch.broadcast_shapes(x.shape, delta.shape)
+    dtype = torch.promote_types(x.dtype, delta.dtype)
+    return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- GEGLU

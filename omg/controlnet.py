@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from omg import checkpoint, keymap
 from omg.errors import CheckpointError, ModelError
 from omg.tensorfile import PathLike, TensorSource, _first, open_source
-from omg.unet import Attention, ControlResiduals, UNetConfig, embed, encoder_blocks, middle_block, time_embeddings
+from omg.unet import (Attention, ControlResiduals, UNetConfig, embed, encoder_blocks, in_layout_of, middle_block,
+                      preferred_memory_format, time_embeddings)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ class ControlNet(nn.Module):
         """
         emb = embed(self.time_embed, self.label_emb, x, timesteps, y)
         context = context.to(x.dtype)
-        h = self.input_blocks[0](x, emb, context) + hint_features.to(x.dtype)  # (B, 320, h, w)
+        x, hint_features = (in_layout_of(self.input_blocks[0][0], t) for t in (x, hint_features.to(x.dtype)))
+        h = self.input_blocks[0](x, emb, context) + hint_features  # (B, 320, h, w)
         skips = [self.zero_convs[0](h)]
         for block, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:]):
             h = block(h, emb, context)
@@ -213,7 +215,8 @@ def load_controlnet(path: PathLike, device: Union[str, torch.device] = "cpu",
         raise ModelError(f"dtype must be a floating torch.dtype, not {dtype!r}")
     with open_controlnet(path) as ckpt:
         plans = checkpoint.plan_checkpoint(ckpt)
-        return checkpoint.materialize(plans["controlnet"], torch.device(device), dtype)
+        controlnet = checkpoint.materialize(plans["controlnet"], torch.device(device), dtype)
+    return controlnet.to(memory_format=preferred_memory_format(device))
 
 
 def save_controlnet(controlnet: ControlNet, path: PathLike) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import kernels
+from kernels.norm import is_channels_last
 from omg.errors import ModelError, UnknownLayerError
 from omg.fp8 import Linear
 
@@ -88,6 +89,19 @@ def _count_transformer_blocks(sd: Mapping[str, Tensor], prefix: str) -> int:
     found = {int(m.group(1)) for k in sd if k.startswith(prefix)
              and (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))}
     return len(found)
+
+
+def preferred_memory_format(device: Union[str, torch.device]) -> torch.memory_format:
+    """The layout a UNet's (or ControlNet's) activations should have on `device`: channels-last on CUDA, where
+    cuDNN's convolutions run in it natively (contiguous NCHW activations cost a transpose in and out of every
+    convolution) and a transformer's (B, H*W, C) tokens are a view of them; contiguous elsewhere.
+    Apply with ``module.to(memory_format=...)``: the forward passes follow the convolution weights' layout."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+
+
+def in_layout_of(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """x in the layout of conv's weight (channels-last or contiguous), so every activation after it keeps it."""
+    return x.contiguous(memory_format=torch.channels_last if is_channels_last(conv.weight) else torch.contiguous_format)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -168,9 +182,12 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # x = x + attn1(norm1(x)); x = x + attn2(norm2(x), context); x + ff(norm3(x)), each residual add fused
+        # with the norm after it on CUDA
+        h = kernels.layer_norm(self.norm1, x)
+        x, h = kernels.add_layer_norm(self.norm2, x, self.attn1(h))
+        x, h = kernels.add_layer_norm(self.norm3, x, self.attn2(h, context))
+        return x + self.ff(h)
 
 
 class SpatialTransformer(nn.Module):
@@ -377,7 +394,7 @@ class UNet(nn.Module):
         emb = embed(self.time_embed, self.label_emb, x, timesteps, y)
         context = context.to(x.dtype)
         skips = []
-        h = x
+        h = in_layout_of(self.input_blocks[0][0], x)
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)  # (B, C_l, H_l, W_l)
@@ -392,4 +409,4 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out[2](kernels.norm_act(self.out[0], h))
+        return self.out[2](kernels.norm_act(self.out[0], h)).contiguous()  # the samplers' layout

@@ -261,7 +261,11 @@ def test_grouped_equals_merged_for_every_store_with_loras_on_all_kohya_targets(m
 def self_attention_queries(model, latent_hw):
     """{attn1 path: its query count} at a latent size, read from a plain UNet call (independent of omg.attention)."""
     queries = {}
-    hooks = [m.register_forward_hook(lambda m, args, out: queries.setdefault(m.path, args[0].shape[1]))
+
+    def record(m, args, out):  # returns None: the layer's output stays its own
+        queries.setdefault(m.path, args[0].shape[1])
+
+    hooks = [m.register_forward_hook(record)
              for m in model.unet.modules() if isinstance(m, omg.unet.Attention) and not m.is_cross]
     cfg = model.unet.config
     with torch.no_grad():

@@ -130,3 +130,18 @@ def test_report_row_shows_the_overhead_when_measured_and_not_measured_otherwise(
     text = report.h200_targets_section(measured)
     assert ("4.25 ms: stage 1 1.10 ms (step 36.3 ms, its UNet calls 35.2 ms); stage 2 4.25 ms (step 135.0 ms, its "
             "UNet calls 130.8 ms) | yes |") in text
+
+
+def test_report_judges_the_ratio_against_the_originals_fastest_run():
+    """The original's schedule is host-bound: a run on a slow host must not turn the ratio target into a 'yes'."""
+    d = json.load(open(os.path.join(report.RESULTS, "omg_h200.json")))
+    ours = next(r["seconds"] for r in d["rows"] if r["k"] == 2 and r.get("cuda_graphs") and r.get("lora_mode") ==
+                "grouped" and not r.get("fp8") and r.get("crop_margin") is None and r["store"] == "outputs")
+    slow, fast = copy.deepcopy(d), copy.deepcopy(d)
+    slow["reference"]["total_s"] = 10.0 * ours  # 10x in this run
+    fast["reference"]["total_s"] = 4.0 * ours  # 4x in an earlier one
+    fast["summary"]["k2_speedup_vs_reference"] = 4.0
+    row = lambda text: next(line for line in text.splitlines() if "the original's schedule" in line)  # noqa: E731
+    assert row(report.h200_targets_section(slow)).endswith("| yes |")
+    judged = row(report.h200_targets_section(slow, others=[fast]))
+    assert judged.endswith("| **no** |") and "10.00x" in judged and "4.00x" in judged

@@ -118,3 +118,44 @@ def test_attention_hook_addresses_every_layer_by_sgm_path():
     assert (changed - base).abs().max() > 1e-3
     with pytest.raises(KeyError):
         unet.set_attention_processor(None, paths=["middle_block.1.nope"])
+
+
+def test_channels_last_weights_run_every_activation_channels_last():
+    """unet.to(memory_format=channels_last) (what SDXL does on CUDA): the same eps, every 4-d activation inside
+    laid out channels-last (no NCHW transposes around its convolutions), the output contiguous for the samplers.
+    Before the layout followed the weights, the activations stayed NCHW and cuDNN transposed around each conv."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny()).eval()
+    randomize(unet, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    x, ctx, y = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 7, 48, generator=gen), torch.randn(2, 64)
+    t = torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        plain = unet(x, t, ctx, y)
+        unet.to(memory_format=torch.channels_last)
+        layouts = []
+        hooks = [m.register_forward_hook(lambda m, i, o: layouts.append(
+            (type(m).__name__, o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous())))
+                 for m in unet.modules() if m is not unet and isinstance(m, (torch.nn.Conv2d, torch.nn.ModuleList))]
+        last = unet(x, t, ctx, y)
+        for h in hooks:
+            h.remove()
+    assert last.is_contiguous() and (last - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
+    assert len(layouts) > 20 and all(ok for _, ok in layouts), [n for n, ok in layouts if not ok]
+
+
+def test_sdxl_puts_its_unet_in_the_devices_preferred_layout(monkeypatch):
+    """channels-last on CUDA, contiguous elsewhere; SDXL applies it to the UNet it is given (here CPU made to
+    prefer channels-last, as CUDA does)."""
+    import omg.model
+    from omg.unet import in_layout_of, preferred_memory_format
+    assert preferred_memory_format("cuda") == torch.channels_last
+    assert preferred_memory_format("cpu") == torch.contiguous_format
+    plain = omg.model.SDXL.random(with_vae=False, with_text=False)
+    conv = plain.unet.input_blocks[0][0]
+    assert conv.weight.is_contiguous() and in_layout_of(conv, torch.zeros(1, 4, 3, 3)).is_contiguous()
+    monkeypatch.setattr(omg.model, "preferred_memory_format", lambda device: torch.channels_last)
+    last = omg.model.SDXL.random(with_vae=False, with_text=False)
+    conv = last.unet.input_blocks[0][0]
+    assert not conv.weight.is_contiguous() and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not in_layout_of(conv, torch.zeros(1, 4, 3, 3)).is_contiguous()

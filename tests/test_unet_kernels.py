@@ -1,4 +1,4 @@
-"""The UNet's fused kernels (kernels.norm, kernels.ffn) against their PyTorch references.
+"""The UNet's fused kernels (kernels.norm, kernels.residual_norm, kernels.ffn) against their PyTorch references.
 
 CPU: the kernels run under TRITON_INTERPRET=1 in test_kernels.py's child process (its runner collects the
 `test_interp_*` tests of this file too). GPU (-m gpu): SDXL's shapes, fp16 and bf16.
@@ -11,6 +11,7 @@ import torch
 
 import kernels
 from kernels import ffn as kffn
+from kernels import residual_norm as kln
 from kernels import norm as knorm
 from test_kernels import interp
 
@@ -77,6 +78,77 @@ def test_interp_group_norm(dtype, shape, groups, shift, silu):
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,groups", [((2, 12, 5, 7), 4),       # 3 channels a group, one split, partial tiles
+                                          ((1, 160, 40, 45), 8)])   # 20 a group, two channel blocks, many splits
+@pytest.mark.parametrize("shift,silu", [(False, False), (True, True)])
+def test_interp_group_norm_channels_last(dtype, shape, groups, shift, silu, monkeypatch):
+    """Channels-last input: the (pixels x channels) kernels, output channels-last with the contiguous kernels'
+    values."""
+    monkeypatch.setattr(knorm, "SPLIT_TARGET", 4)  # several splits of the pixels even for these small tensors
+    x, w, b, s = gn_inputs(shape, groups, dtype, offset=30.0)
+    x = x.contiguous(memory_format=torch.channels_last)
+    s = s if shift else None
+    out = knorm.group_norm_triton(x, groups, w, b, 1e-5, s, silu)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    x32 = x.float().contiguous()  # the reference from contiguous input (torch's CPU channels-last sums another way)
+    ref = kernels.group_norm_reference(x32, groups, w.float(), b.float(), 1e-5, None if s is None else s.float(), silu)
+    assert_close_ulps(out, ref, dtype)
+    plain = knorm.group_norm_triton(x, groups, None, None, 1e-5)
+    assert_close_ulps(plain, kernels.group_norm_reference(x32, groups, None, None, 1e-5), dtype)
+
+
+def test_group_norm_op_keeps_the_layout():
+    """The op's output layout (what its fake function promises torch.compile) is channels-last exactly for
+    channels-last input, on every path (here the reference's)."""
+    x, w, b, s = gn_inputs((2, 8, 5, 6), 4, torch.float32)
+    last = x.contiguous(memory_format=torch.channels_last)
+    out = kernels.group_norm(last, 4, w, b, 1e-5, s, True)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out, kernels.group_norm(x, 4, w, b, 1e-5, s, True))
+    assert kernels.group_norm(x, 4, w, b, 1e-5, s, True).is_contiguous()
+    single = x[:, :, :1, :1].contiguous(memory_format=torch.channels_last)  # both layouts at once: contiguous
+    assert kernels.group_norm(single, 4, w, b, 1e-5, s).is_contiguous()
+
+
+def ln_inputs(shape, dtype, device="cpu", offset=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2 + offset
+    delta = torch.randn(shape, generator=g)
+    w, b = torch.randn(shape[-1], generator=g), torch.randn(shape[-1], generator=g)
+    return [t.to(device, dtype) for t in (x, delta, w, b)]
+
+
+def test_layer_norm_dispatch_on_cpu_is_the_unfused_block():
+    """On CPU the ops are torch's: the transformer block's values do not change where the kernels do not run."""
+    x, delta, w, b = ln_inputs((2, 5, 12), torch.float32)
+    norm = torch.nn.LayerNorm(12)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        norm.bias.copy_(b)
+    s, y = kernels.add_layer_norm(norm, x, delta)
+    assert torch.equal(s, x + delta) and torch.equal(y, norm(x + delta))
+    assert torch.equal(kernels.layer_norm(norm, x), norm(x))
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 7, 40), (2, 5, 96), (1, 3, 300)])  # several rows a program, one
+@pytest.mark.parametrize("affine", [True, False])
+def test_interp_layer_norm(dtype, shape, affine):
+    x, delta, w, b = ln_inputs(shape, dtype, offset=20.0)  # a large mean: the variance must stay accurate
+    w, b = (w, b) if affine else (None, None)
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    assert_close_ulps(kln.layer_norm_triton(x, w, b, 1e-5), kln.layer_norm_reference(x.float(), f32(w), f32(b), 1e-5),
+                      dtype)
+    s, y = kln.add_layer_norm_triton(x, delta, w, b, 1e-5)
+    assert torch.equal(s, x + delta)  # the residual stream as torch's add stores it
+    assert_close_ulps(y, kln.layer_norm_reference(s.float(), f32(w), f32(b), 1e-5), dtype)
+    with pytest.raises(ValueError, match="delta must match"):
+        kln.add_layer_norm_triton(x, delta[..., :1], w, b, 1e-5)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_interp_geglu(dtype):
     h = (torch.randn(3, 5, 2 * 37, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
     assert_close_ulps(kffn.geglu_triton(h), kernels.geglu_reference(h.float()), dtype)
@@ -93,13 +165,40 @@ gpu_dtypes = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], i
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @gpu_dtypes
 @pytest.mark.parametrize("shape", [(2, 320, 128, 128), (7, 1280, 32, 32), (2, 960, 128, 128), (3, 640, 64, 64)])
-def test_gpu_group_norm(dtype, shape):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gpu_group_norm(dtype, shape, layout):
     x, w, b, shift = gn_inputs(shape, 32, dtype, device="cuda", offset=1.0)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     out = kernels.group_norm(x, 32, w, b, 1e-5, shift, silu=True)
     ref = kernels.group_norm_reference(x.float(), 32, w.float(), b.float(), 1e-5, shift.float(), silu=True)
     assert_close_ulps(out, ref, dtype)
     torch_ops = kernels.group_norm_reference(x, 32, w, b, 1e-5, shift, silu=True)  # what eager torch gives
     assert (out.float() - ref).abs().mean() <= (torch_ops.float() - ref).abs().mean() + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@gpu_dtypes
+@pytest.mark.parametrize("shape", [(2, 4096, 640), (7, 1024, 1280), (3, 77, 2048)])
+def test_gpu_add_layer_norm(dtype, shape):
+    x, delta, w, b = ln_inputs(shape, dtype, device="cuda", offset=1.0)
+    s, y = kernels.add_layer_norm(_ln(w, b), x, delta)
+    assert torch.equal(s, x + delta)
+    ref = kln.layer_norm_reference(s.float(), w.float(), b.float(), 1e-5)
+    assert_close_ulps(y, ref, dtype)
+    torch_ops = kln.layer_norm_reference(s, w, b, 1e-5)
+    assert (y.float() - ref).abs().mean() <= (torch_ops.float() - ref).abs().mean() + 1e-6
+    assert_close_ulps(kernels.layer_norm(_ln(w, b), x), kln.layer_norm_reference(x.float(), w.float(), b.float(), 1e-5),
+                      dtype)
+
+
+def _ln(w, b):
+    norm = torch.nn.LayerNorm(w.shape[0], device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        norm.bias.copy_(b)
+    return norm
 
 
 @pytest.mark.gpu
