@@ -247,7 +247,14 @@ class SDXLTextEncoder(nn.Module):
             raise ValueError("encode takes a list of prompts, got a single string")
         ids_l, ids_g = tokenize(prompts, PAD_L, min_chunks), tokenize(prompts, PAD_G, min_chunks)
         batch, chunks, n = ids_l.shape
-        device = self.clip_l.text_model.embeddings.token_embedding.weight.device
+        weight = self.clip_l.text_model.embeddings.token_embedding.weight
+        device = weight.device
+        if zero_if_empty and not any(p.strip() for p in prompts):
+            # all blank: zero by definition, so the encoders need not run (the uncond half of every conditioning
+            # without a negative prompt: half of a default call's text work)
+            width = self.clip_l.config.width + self.clip_g.config.width
+            return (torch.zeros(batch, chunks * n, width, device=device, dtype=weight.dtype),
+                    torch.zeros(batch, self.clip_g.config.projection_dim, device=device, dtype=weight.dtype))
         hidden_l = self.clip_l(ids_l.view(-1, n).to(device))
         hidden_g, pooled = self.clip_g(ids_g.view(-1, n).to(self.clip_g.positional_embedding.device))
         hidden_g, pooled = hidden_g.to(hidden_l), pooled.to(hidden_l)  # same device and dtype as CLIP-L's

@@ -112,10 +112,14 @@ class RecordingBackend:
 
 
 @in_parent
-def test_compiled_unet_fullgraph_matches_eager():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compiled_unet_fullgraph_matches_eager(layout):
+    """Channels-last too (the UNet's layout on CUDA): the ops' fake functions promise its strides."""
     torch._dynamo.reset()
     cfg = UNetConfig.tiny()
     unet = UNet(cfg).eval()
+    if layout == "channels_last":
+        unet.to(memory_format=torch.channels_last)
     inputs = tiny_unet_inputs(cfg)
     backend = RecordingBackend()
     compiled = torch.compile(unet, fullgraph=True, backend=backend)
@@ -123,7 +127,7 @@ def test_compiled_unet_fullgraph_matches_eager():
         eager = unet(*inputs)
         out = compiled(*inputs)
         again = compiled(*(t.clone() for t in inputs))  # the cached graph: no recompilation, same answer
-    assert {"group_norm", "geglu"} <= backend.omg_ops, backend.omg_ops
+    assert {"group_norm", "geglu", "layer_norm", "add_layer_norm"} <= backend.omg_ops, backend.omg_ops
     assert (out - eager).abs().max().item() <= 1e-4
     assert torch.equal(again, out)
 

@@ -185,6 +185,21 @@ def test_zero_if_empty(enc):
     assert torch.equal(context[0], plain[0]) and plain[1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("min_chunks", [1, 2])
+def test_an_all_blank_zero_batch_runs_no_encoder(enc, monkeypatch, min_chunks):
+    """The uncond half without a negative prompt: the zeros the encoders' path gives (shape, dtype, device),
+    without running them. Before, both encoders ran on "" and their output was multiplied by zero."""
+    expected = [t * 0 for t in enc.encode(["", " "], min_chunks=min_chunks)]
+    calls = []
+    for tower in (enc.clip_l, enc.clip_g):
+        monkeypatch.setattr(tower, "forward", lambda *a, **k: calls.append(a) or pytest.fail("an encoder ran"))
+    context, pooled = enc.encode(["", " "], zero_if_empty=True, min_chunks=min_chunks)
+    assert not calls
+    for got, want in zip((context, pooled), expected):
+        assert got.shape == want.shape and got.dtype == want.dtype and got.device == want.device
+        assert torch.equal(got, want)
+
+
 def test_encode_runs_in_encoder_dtype(enc):
     double = copy.deepcopy(enc).double()
     context, pooled = double.encode(SHORT)
