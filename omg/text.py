@@ -251,7 +251,7 @@ class SDXLTextEncoder(nn.Module):
         device = weight.device
         if zero_if_empty and not any(p.strip() for p in prompts):
             # all blank: zero by definition, so the encoders need not run (the uncond half of every conditioning
-            # without a negative prompt: half of a default call's text work)
+            # when negative_prompt is None: half of that call's text work)
             width = self.clip_l.config.width + self.clip_g.config.width
             return (torch.zeros(batch, chunks * n, width, device=device, dtype=weight.dtype),
                     torch.zeros(batch, self.clip_g.config.projection_dim, device=device, dtype=weight.dtype))
