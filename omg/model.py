@@ -54,22 +54,31 @@ class SDXL:
 
     # -- what both samplers need: conditioning in, noise, images out ----------------------------------------
     def conditioning(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]], height: int,
-                     width: int) -> tuple[Tensor, Tensor]:
+                     width: int, encoded: Optional[dict] = None) -> tuple[Tensor, Tensor]:
         """(context, y) for CFG, batched [uncond; cond] (2B first dim) on the UNet's device.
 
         negative_prompts None gives all-zero uncond embeddings (diffusers force_zeros_for_empty_prompt, SGM
         force_uc_zero_embeddings). Sizes: original = target = (height, width), crop (0, 0).
+        encoded: a dict shared by calls that run the same text-encoder weights; each distinct encoding is computed
+        once across them (a negative prompt shared by several conditionings).
         """
         from omg.text import CHUNK, sdxl_vector  # lazily: omg.text pulls in open_clip and transformers
 
+        def encode(texts: list[str], zero_if_empty: bool = False, min_chunks: int = 1) -> tuple[Tensor, Tensor]:
+            key = (tuple(texts), zero_if_empty, min_chunks)
+            if encoded is None:
+                return self.text.encode(texts, zero_if_empty=zero_if_empty, min_chunks=min_chunks)
+            if key not in encoded:
+                encoded[key] = self.text.encode(texts, zero_if_empty=zero_if_empty, min_chunks=min_chunks)
+            return encoded[key]
+
         zero = negative_prompts is None
         negatives = [""] * len(prompts) if zero else list(negative_prompts)
-        context, pooled = self.text.encode(list(prompts))
+        context, pooled = encode(list(prompts))
         chunk = CHUNK + 2  # positions per chunk (BOS + 75 + EOS); both halves must hold as many chunks
-        neg_context, neg_pooled = self.text.encode(negatives, zero_if_empty=zero,
-                                                   min_chunks=context.shape[1] // chunk)
+        neg_context, neg_pooled = encode(negatives, zero_if_empty=zero, min_chunks=context.shape[1] // chunk)
         if neg_context.shape[1] > context.shape[1]:  # the negative prompt is the longer one
-            context, pooled = self.text.encode(list(prompts), min_chunks=neg_context.shape[1] // chunk)
+            context, pooled = encode(list(prompts), min_chunks=neg_context.shape[1] // chunk)
         embed_dim, rest = divmod(self.unet.config.adm_in_channels - pooled.shape[-1], 6)
         if rest or embed_dim <= 0:
             raise ModelError(f"the UNet's y width {self.unet.config.adm_in_channels} does not fit pooled text "

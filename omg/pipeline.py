@@ -128,9 +128,10 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
     # every LoRA is matched before sampling: one for another base fails here, the model untouched
     concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode)
     negatives = None if o.negative_prompt is None else [o.negative_prompt]
+    base_text: dict = {}  # what the base's text encoder (styles merged) encoded: concepts without their own reuse it
     with text_encoder_lora(model.text, styles):
-        base_cond = model.conditioning([prompt], negatives, o.height, o.width)
-    concept_cond = [_concept_conditioning(model, c, lora, o, styles) for c, lora in zip(concepts, loras)]
+        base_cond = model.conditioning([prompt], negatives, o.height, o.width, encoded=base_text)
+    concept_cond = [_concept_conditioning(model, c, lora, o, styles, base_text) for c, lora in zip(concepts, loras)]
     controls = ControlStack.prepare(o.control, unet, o.height, o.width, o.steps)
     noise_schedule = NoiseSchedule.sdxl()
     # DDIM ends on alphas_cumprod[0] (diffusers' SDXL DDIM, set_alpha_to_one=False); the others on sigma 0
@@ -358,15 +359,19 @@ def _load_concept_loras(concepts: Sequence[Concept]) -> list[Optional[LoraFile]]
 
 
 def _concept_conditioning(model: Any, concept: Concept, lora: Optional[LoraFile], o: OMGOptions,
-                          styles: Sequence[tuple[LoraFile, float]] = ()) -> tuple[Tensor, Tensor]:
-    """[uncond; cond] context and y of a concept, encoded with its text-encoder LoRA (if it has one) and the styles'."""
+                          styles: Sequence[tuple[LoraFile, float]] = (), base_text: Optional[dict] = None
+                          ) -> tuple[Tensor, Tensor]:
+    """[uncond; cond] context and y of a concept, encoded with its text-encoder LoRA (if it has one) and the styles'.
+
+    base_text: the encodings of the base's text encoder (SDXL.conditioning's `encoded`), shared when the concept's
+    LoRA has no text-encoder part (its encoder is then the base's: the negative prompt is encoded once a call)."""
     negative = concept.negative_prompt if concept.negative_prompt is not None else o.negative_prompt
     negatives = None if negative is None else [negative]
-    loras = ([] if lora is None else [(lora, concept.lora_scale)]) + list(styles)
-    if not loras:
-        return model.conditioning([concept.prompt], negatives, o.height, o.width)
-    with text_encoder_lora(model.text, loras):
-        return model.conditioning([concept.prompt], negatives, o.height, o.width)
+    own = lora is not None and bool(bind(model.text, [(lora, concept.lora_scale)]))
+    loras = ([(lora, concept.lora_scale)] if own else []) + list(styles)
+    with text_encoder_lora(model.text, loras) if loras else nullcontext():
+        return model.conditioning([concept.prompt], negatives, o.height, o.width,
+                                  encoded=None if own else base_text)
 
 
 def _masks(control: AttentionControl, inputs: _Inputs, stage1_image: Image.Image, image: int,

@@ -340,3 +340,30 @@ def test_a_repeated_render_reads_its_lora_files_once(model, tmp_path, monkeypatc
     kohya_lora(model, tmp_path / "a.safetensors", seed=2)  # rewritten: other factors
     changed = run(model, concepts)
     assert len(reads) == 2 and not torch.equal(changed.latent, first.latent)
+
+
+def test_concepts_without_text_encoder_loras_reuse_the_bases_negative_encoding(model, tmp_path, monkeypatch):
+    """The negative prompt is encoded once for the base and every concept whose LoRA has no text-encoder part
+    (their encoder is the base's); a concept with one encodes its own. Same latents as encoding everything anew.
+    Before, each conditioning encoded the negative prompt again (6 encodes here instead of 5)."""
+    import omg.pipeline as pipeline
+    plain = kohya_lora(model, tmp_path / "unet_only.safetensors", seed=0, te=False)
+    with_te = kohya_lora(model, tmp_path / "with_te.safetensors", seed=1, te=True)
+    concepts = [omg.Concept("man", "a photo of sks man", lora=plain, mask=(0, 0, 32, 64)),
+                omg.Concept("woman", "a photo of ohwx woman", lora=with_te, mask=(32, 0, 64, 64))]
+    encoded, encode = [], model.text.encode
+
+    def spy(prompts, *args, **kwargs):
+        encoded.append(tuple(prompts))
+        return encode(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(model.text, "encode", spy)
+    shared = run(model, concepts)
+    assert sorted(encoded) == sorted([(PROMPT,), (DEFAULT_NEGATIVE,), ("a photo of sks man",),
+                                      ("a photo of ohwx woman",), (DEFAULT_NEGATIVE,)])
+    unshared = pipeline._concept_conditioning
+    monkeypatch.setattr(pipeline, "_concept_conditioning",
+                        lambda *a, **k: unshared(*a[:5], **{**k, "base_text": None}))
+    encoded.clear()
+    again = run(model, concepts)
+    assert len(encoded) == 6 and torch.equal(again.latent, shared.latent)
