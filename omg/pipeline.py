@@ -219,18 +219,22 @@ def _attention_control(model: Any, calls: CallSchedule, latent_hw: tuple[int, in
                          model.device, reclaimable=kept.control.stored_bytes() if kept is not None else 0)
     self_replay_calls = tuple(calls.self_replay_calls(o.self_replay_steps))
     max_queries = original_self_replay_queries(o.height, o.width) if o.self_replay_layers == "original" else None
-    # what a kept graph depends on besides its inputs: the controller's configuration, whether stage 2's base pass
-    # replays (a Python decision inside its graph), the UNet's weights
-    config = (store, store_dtype, tuple(calls.blend_calls), self_replay_calls, len(inputs.heat_tokens), latent_hw,
-              images, o.map_format, max_queries, o.replay, tuple(p.data_ptr() for p in unet.parameters()))
-    if keepable and kept is not None and kept.key == config:
-        kept.control.reset(inputs.heat_tokens)
-        return kept.control, kept
+    config = None
+    if keepable:
+        # what a kept graph depends on besides its inputs: the controller's configuration, whether stage 2's base
+        # pass replays (a Python decision inside its graph), the UNet's weights (only a keepable run pays for reading
+        # every parameter's address)
+        config = (store, store_dtype, tuple(calls.blend_calls), self_replay_calls, len(inputs.heat_tokens),
+                  latent_hw, images, o.map_format, max_queries, o.replay,
+                  tuple(p.data_ptr() for p in unet.parameters()))
+        if kept is not None and kept.key == config:
+            kept.control.reset(inputs.heat_tokens)
+            return kept.control, kept
     release_graphs(unet)
     control = AttentionControl(unet, store, replay_calls=calls.blend_calls, self_replay_calls=self_replay_calls,
                                store_dtype=store_dtype, heatmap_tokens=inputs.heat_tokens, latent_hw=latent_hw,
                                map_format=o.map_format, self_replay_max_queries=max_queries)
-    if not keepable:
+    if config is None:
         return control, None
     kept = KeptGraphs(config, control)
     keep_graphs(unet, kept)
