@@ -37,8 +37,9 @@ def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def output_layout(x: Tensor) -> torch.memory_format:
-    """The layout of group_norm's output for input x: channels-last for channels-last x, else contiguous."""
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """Channels-last for a channels-last x (is_channels_last), else contiguous: group_norm's output layout for input
+    x, and the layout omg.unet gives activations for convolution weights x."""
     return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
@@ -217,7 +218,7 @@ def _group_norm_nhwc(x: Tensor, groups: int, weight: Optional[Tensor], bias: Opt
 
 def group_norm_triton(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                       shift: Optional[Tensor] = None, silu: bool = False) -> Tensor:
-    """The kernels; x (B, C, *spatial) with C divisible by groups, output in output_layout(x)."""
+    """The kernels; x (B, C, *spatial) with C divisible by groups, output in memory_format_of(x)."""
     batch, channels = x.shape[:2]
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")

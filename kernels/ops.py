@@ -62,18 +62,18 @@ def _empty_maps(like: Tensor) -> Tensor:
 @torch.library.custom_op("omg::group_norm", mutates_args=())
 def group_norm(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                shift: Optional[Tensor], silu: bool) -> Tensor:
-    """silu(GroupNorm(x + shift)); output laid out as kernels.norm.output_layout(x) (channels-last in, out)."""
+    """silu(GroupNorm(x + shift)); output laid out as kernels.norm.memory_format_of(x) (channels-last in, out)."""
     if runs_triton(x, weight, bias, shift) and x.dtype != torch.float64:
         return _norm.group_norm_triton(x, groups, weight, bias, eps, shift, silu)
     # the values of contiguous input whatever the layout (torch's CPU channels-last GroupNorm sums another way)
     out = _norm.group_norm_reference(x.contiguous(), groups, weight, bias, eps, shift, silu)
-    return out.contiguous(memory_format=_norm.output_layout(x))
+    return out.contiguous(memory_format=_norm.memory_format_of(x))
 
 
 @group_norm.register_fake
 def _(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
       shift: Optional[Tensor], silu: bool) -> Tensor:
-    return torch.empty_like(x, memory_format=_norm.output_layout(x))
+    return torch.empty_like(x, memory_format=_norm.memory_format_of(x))
 
 
 # ------------------------------------------------------------------------------------------ layer norm

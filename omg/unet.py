@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import kernels
-from kernels.norm import is_channels_last
+from kernels.norm import memory_format_of
 from omg.errors import ModelError, UnknownLayerError
 from omg.fp8 import Linear
 
@@ -101,7 +101,7 @@ def preferred_memory_format(device: Union[str, torch.device]) -> torch.memory_fo
 
 def in_layout_of(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """x in the layout of conv's weight (channels-last or contiguous), so every activation after it keeps it."""
-    return x.contiguous(memory_format=torch.channels_last if is_channels_last(conv.weight) else torch.contiguous_format)
+    return x.contiguous(memory_format=memory_format_of(conv.weight))
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
