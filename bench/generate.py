@@ -30,10 +30,9 @@ from bench.common import DTYPES, device_name, time_ms, write_json
 from bench.lora import kohya_lora, random_unet
 from bench.step_profile import StepTimeline, kernel_summary, plain_unet_graph_ms, replay_alone_ms
 from omg import graphs as omg_graphs
-from omg.graphs import GraphedCall
+from omg.graphs import GraphedCall, release_graphs
 from omg.lora import bind, load_lora
 from omg.model import SDXL
-from omg.graphs import release_graphs
 from omg.pipeline import Concept, generate
 from omg.text import SDXLTextEncoder
 from omg.unet import UNetConfig
@@ -104,7 +103,8 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
         keep[(k, store, self_replay, graphs, lora_mode) + (() if crop is None else ("crop",))
              + (("fp8",) if fp8 else ())] = result.latent
         keep[("masks", k)] = result.masks
-    print(f"k={k} {lora_mode}{' fp8' if fp8 else ''} store={store:9s} self-replay {self_replay} "
+    print(f"k={k} {lora_mode}{' fp8' if fp8 else ''}{'' if crop is None else f' crop {crop}'} store={store:9s} "
+          f"self-replay {self_replay} "
           f"graphs {row['cuda_graphs']:d}: "
           f"{seconds:6.2f} s{'' if first is None else f' (first {first:.2f} s)'} "
           f"(stage1 {t['stage1']:.2f}, masks {t['masks']:.2f}, "
