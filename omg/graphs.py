@@ -126,6 +126,18 @@ class GraphSet:
     memory pool they share (they replay one after another, never concurrently)."""
     calls: dict[Hashable, GraphedCall] = field(default_factory=dict)
     pool: Optional[Any] = None
+    # what the graphs read besides their inputs that a run computes once (cross-attention keys and values): by key,
+    # (the run that made it, the value)
+    constants: dict[Hashable, tuple[object, Any]] = field(default_factory=dict)
+
+    def constant(self, key: Hashable, run: object, make: Callable[[Optional[Any]], Any]) -> Any:
+        """The value of `key` for `run` (any object naming one run of the graphs): made by make(previous) at the
+        run's first request, where previous is the value an earlier run made (None: none), which make must
+        overwrite in place and return, since a kept graph reads those very tensors."""
+        made = self.constants.get(key)
+        if made is None or made[0] is not run:
+            made = self.constants[key] = (run, make(None if made is None else made[1]))
+        return made[1]
 
     def get(self, key: Hashable, make: Callable[[Optional[Any]], GraphedCall]) -> GraphedCall:
         """The call of `key`, made by make(pool) unless kept (a call whose capture failed is made again: its

@@ -94,12 +94,9 @@ class SDXL:
         shape = (len(generators), self.unet.config.in_channels, height // f, width // f)
         return randn_cpu(shape, list(generators), device=self.device, dtype=torch.float32)
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:
         """VAE-decode latents and convert [-1, 1] to 8-bit RGB PIL images."""
-        images = self.vae.decode(latents).float().clamp(-1, 1)
-        pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+        return decode_images(self.vae, latents)
 
     def components(self) -> dict[str, nn.Module]:
         return {k: m for k, m in (("unet", self.unet), ("vae", self.vae), ("text", self.text)) if m is not None}
@@ -161,6 +158,14 @@ class SDXL:
                 module.to(device=device, dtype=AutoencoderKL.safe_dtype(dtype, device) if module is vae else dtype)
                 module.eval()
         return cls(unet, vae, text)
+
+
+@torch.no_grad()
+def decode_images(vae: nn.Module, latents: Tensor) -> list[Image.Image]:
+    """VAE-decode latents and convert [-1, 1] to 8-bit RGB PIL images (SDXL.decode; what needs only the VAE)."""
+    images = vae.decode(latents).float().clamp(-1, 1)
+    pixels = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
 
 
 def build_random_sdxl(**kwargs) -> SDXL:

@@ -34,6 +34,7 @@ from omg.graphs import KeptGraphs, graphs_usable, keep_graphs, kept_graphs, rele
 from omg.inputs import check_model
 from omg.lora import ConceptWeights, LoraFile, bind, load_lora, text_encoder_lora
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks, token_heatmaps
+from omg.model import decode_images
 from omg.options import DEFAULT_NEGATIVE, LORA_MODES, OMGOptions  # noqa: F401 (re-exported)
 from omg.sampling import NoiseSchedule, StepInfo, diffusers_ddim_options, get_sampler, run_sampler
 from omg.schedule import CallSchedule
@@ -54,12 +55,26 @@ class Concept:
     face: Any = None  # InstantID instead of a LoRA: a face photo, a precomputed face (.safetensors/.npy) or embedding
 
 
+class Stage1Images:
+    """A batch's stage-1 images, VAE-decoded at the first request: stage 2 needs none of them (its masks come from
+    stage 1's attention), so a caller that reads only the final images saves a decode (a VAE pass over the batch).
+    Until then it holds the VAE and the latents."""
+
+    def __init__(self, vae: torch.nn.Module, latents: Tensor):
+        self._vae, self._latents, self._images = vae, latents, None
+
+    def __getitem__(self, image: int) -> Image.Image:
+        if self._images is None:
+            self._images, self._vae = decode_images(self._vae, self._latents), None
+        return self._images[image]
+
+
 @dataclass
 class Result:
     """One image of a generate call. Of a batch, each image has its own; timings, store_bytes and stage2 are the
     batch's, unet_evaluations the image's share."""
     image: Image.Image
-    stage1_image: Image.Image
+    stage1_images: "Stage1Images" = field(repr=False)  # the batch's; read stage1_image
     masks: Tensor  # [k, H/8, W/8] in [0, 1]; zeros for concepts that were not found
     heatmaps: Tensor  # [k, H/8, W/8] class-token attention of stage 1, normalised
     concept_masks: ConceptMasks
@@ -72,6 +87,13 @@ class Result:
     store_bytes: int = 0
     store: str = "recompute"  # the replay store the run used (what store="auto" chose)
     stage2: Optional[BlendedEps] = None  # kept on request (keep_stage2=True): it holds the store and weights
+    index: int = 0  # the image's position in its batch
+
+    @property
+    def stage1_image(self) -> Image.Image:
+        """Stage 1's image (the global prompt with the base model), decoded at the first read unless the run
+        needed it (SAM masks, face detection)."""
+        return self.stage1_images[self.index]
 
     @property
     def mask_sources(self) -> list[str]:
@@ -155,11 +177,11 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
                         o.sampler_options, inputs.cuda_graphs, o.progress, _reporter(callback, "stage1", o.steps),
                         controls, kept.stage1 if kept is not None else None)
     timer.lap("stage1")
-    stage1_images = model.decode(stage1.latent)
+    stage1_images = Stage1Images(model.vae, stage1.latent)  # decoded here only when SAM or faces need it
     timer.lap("decode_stage1")
 
     # ---- masks: each image's concept regions from its class-token attention (or SAM, or the user) ------------
-    concept_masks = [_masks(control, inputs, stage1_images[b], b, o)
+    concept_masks = [_masks(control, inputs, stage1_images, b, o)
                      for b in tqdm(range(n), desc="masks", disable=not o.progress or not concepts)]
     active = [i for i in range(len(concepts)) if any(m.found[i] for m in concept_masks)]
     timer.lap("masks")
@@ -171,7 +193,7 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
         face_passes = None
         if any(i in faces for i in active):
             masks_active = torch.stack([m.masks[active] for m in concept_masks])
-            detected = [detect_faces(im, o.face_models) for im in stage1_images] if o.face_models else ()
+            detected = [detect_faces(stage1_images[b], o.face_models) for b in range(n)] if o.face_models else ()
             by_position = {j: faces[i] for j, i in enumerate(active) if i in faces}
             face_passes = FacePasses.prepare(instantid_models, by_position, masks_active, (o.width, o.height),
                                              o.ip_adapter_scale, o.identitynet_scale, detected)
@@ -192,10 +214,10 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
     timer.lap("stage2")
 
     # ---- decode ---------------------------------------------------------------------------------------------
-    images = model.decode(final) if o.blend_steps > 0 else stage1_images
+    images = model.decode(final) if o.blend_steps > 0 else [stage1_images[b] for b in range(n)]
     timer.lap("decode")
     evaluations = stage1.record.evaluations + (stage2.evaluations if stage2 is not None else 0)
-    results = [Result(image=images[b], stage1_image=stage1_images[b], masks=concept_masks[b].masks,
+    results = [Result(image=images[b], stage1_images=stage1_images, index=b, masks=concept_masks[b].masks,
                       heatmaps=concept_masks[b].heatmaps, concept_masks=concept_masks[b], latent=final[b:b + 1],
                       stage1_latent=stage1.latent[b:b + 1], blend_start_latent=stage1.blend_start_latent[b:b + 1],
                       seed=inputs.seeds[b], timings=timer.totals(), unet_evaluations=evaluations // n,
@@ -378,14 +400,15 @@ def _concept_conditioning(model: Any, concept: Concept, lora: Optional[LoraFile]
                                   encoded=None if own else base_text)
 
 
-def _masks(control: AttentionControl, inputs: _Inputs, stage1_image: Image.Image, image: int,
+def _masks(control: AttentionControl, inputs: _Inputs, stage1_images: Stage1Images, image: int,
            o: OMGOptions) -> ConceptMasks:
     """One image's concept masks from its stage-1 class-token attention (row `image` of the batch)."""
     heat = None
     if inputs.names:  # the mean of each concept's token maps; make_masks blurs nothing and normalises
         heat = token_heatmaps(control.heatmaps.result(row=image), inputs.token_indices,
                               map_tokens=inputs.heat_tokens, sigma=0)
-    return make_masks(inputs.names, (o.height, o.width), heat, classes=inputs.names, image=stage1_image,
+    return make_masks(inputs.names, (o.height, o.width), heat, classes=inputs.names,
+                      image=stage1_images[image] if inputs.sam is not None else None,
                       sam=inputs.sam, user_masks=inputs.user_masks, dilate_px=o.dilate, feather_px=o.feather,
                       strict=o.strict)
 

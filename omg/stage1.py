@@ -7,6 +7,7 @@ for store="recompute" the latent of each blending call (stage 2 carries it throu
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -17,6 +18,7 @@ from omg.attention import AttentionControl, RowLayout
 from omg.graphs import GraphedCall, GraphSet
 from omg.sampling import NoiseSchedule, StepInfo, guided_eps, run_sampler, unet_eps_fn
 from omg.schedule import CallSchedule
+from omg.unet import UNet
 
 if TYPE_CHECKING:
     from omg.control import ControlStack
@@ -67,10 +69,16 @@ def run_stage1(unet: torch.nn.Module, noise: Tensor, sigmas: Tensor, sampler: st
     guided_by_active: dict[tuple[int, ...], Callable[[Tensor, Tensor], Tensor]] = {}
     graphs = graphs if graphs is not None else GraphSet()
 
+    run = object()  # names this run's values in `graphs`
+    # the global prompt's cross-attention keys and values, computed once (the UNet's calls read them)
+    kv = graphs.constant(("cross_kv", base_cond[0].shape), run,
+                         lambda into: unet.cross_kv(base_cond[0], into)) if isinstance(unet, UNet) else None
+
     def eps_for(active: tuple[int, ...]) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
         def eps(x: Tensor, t: Tensor, context: Tensor, y: Tensor) -> Tensor:
             fn = controls.eps_fn(unet, active, context, y) if active else unet_eps_fn(unet, context, y)
-            return fn(x, t)
+            with unet.using_cross_kv(kv) if kv is not None else nullcontext():
+                return fn(x, t)
         return eps
 
     def guided_for(step: int) -> Callable[[Tensor, Tensor], Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -29,6 +30,7 @@ from omg.graphs import GraphedCall, GraphSet
 from omg.sampling import EpsDenoiser, NoiseSchedule, apply_guidance
 from omg.schedule import CallSchedule
 from omg.stage1 import Stage1Record
+from omg.unet import CrossKV, UNet
 
 if TYPE_CHECKING:
     from omg.control import ControlStack
@@ -119,6 +121,7 @@ class BlendedEps:
         # one CUDA graph per role (base pass, each concept, or all in one), captured at its first call, or kept
         # from an earlier run (graphs: a KeptGraphs' stage2)
         self.cuda_graphs, self.graphs = cuda_graphs, graphs if graphs is not None else GraphSet()
+        self.run = object()  # names this stage's values in self.graphs (cross-attention keys and values)
         self.next_call = 0
         self.pending_checks: list[Tensor] = []  # the blending calls' timestep checks, read at the run's end
         self.evaluations = 0
@@ -267,8 +270,19 @@ class BlendedEps:
         by_concept = {j: rows[i] for concepts, rows in blocks for i, j in enumerate(concepts)}
         return [by_concept[j][:, image] for j in found]
 
+    def _cross_kv(self, role: Role, context: Tensor) -> Optional[CrossKV]:
+        """The role's cross-attention keys and values of its context, computed at its first call of this run under
+        its weights (None for face passes: their calls project the context)."""
+        if isinstance(role, FaceRows) or not isinstance(self.unet, UNet):
+            return None
+
+        def make(into: Optional[CrossKV]) -> CrossKV:
+            with self.weights.applied(role):
+                return self.unet.cross_kv(context, into)
+        return self.graphs.constant(("cross_kv", role, context.shape), self.run, make)
+
     def _forward(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role, acting: tuple[int, ...] = (),
-                 control_rows: int = 0) -> Tensor:
+                 control_rows: int = 0, kv: Optional[CrossKV] = None) -> Tensor:
         residuals = None
         if acting:  # the ControlNets run outside the role's weights: concept LoRAs are the UNet's alone
             r = control_rows
@@ -278,7 +292,7 @@ class BlendedEps:
             residuals = face if residuals is None else face + residuals
             with self.faces.applied(role.concepts):
                 return self.unet(x, t, *cond, control=residuals)
-        with self.weights.applied(role):
+        with self.weights.applied(role), self.unet.using_cross_kv(kv) if kv is not None else nullcontext():
             return self.unet(x, t, *cond, control=residuals)
 
     def _unet(self, x: Tensor, t: Tensor, cond: Conditioning, role: Role, acting: tuple[int, ...] = (),
@@ -291,9 +305,11 @@ class BlendedEps:
         # kept graph's function is called no more (GraphSet makes a call whose capture failed anew)
         this = weakref.proxy(self)
 
+        kv = self._cross_kv(role, cond[0])
+
         def forward(x_: Tensor, t_: Tensor, context: Tensor, y: Tensor) -> Tensor:  # x (rows, C, h, w) fp32, t (1,)
             return this._forward(x_.to(this.dtype), t_.expand(x_.shape[0]), (context, y), role, acting,
-                                 control_rows).float()
+                                 control_rows, kv).float()
         if not self.cuda_graphs:
             return forward(x, t, *cond)
         # the casts run inside the graph. One pass a step: the blend reads its output before the next replay, so no

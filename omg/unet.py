@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ from omg.fp8 import Linear
 
 # processor(layer, x, context) -> output of the layer (after to_out); context is None for self-attention.
 AttentionProcessor = Callable[["Attention", Tensor, Optional[Tensor]], Tensor]
+# every cross-attention layer's (to_k(context), to_v(context)), (B, T, C) each, by SGM path (UNet.cross_kv)
+CrossKV = dict[str, tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -131,12 +134,21 @@ class Attention(nn.Module):
         self.processor: Optional[AttentionProcessor] = None
         # an additive branch (omg.ip_adapter's decoupled cross-attention): extra(layer, x, out) -> out
         self.extra: Optional[Callable[["Attention", Tensor, Tensor], Tensor]] = None
+        # this layer's keys and values of the calls' context, computed beforehand (UNet.using_cross_kv)
+        self.kv: Optional[tuple[Tensor, Tensor]] = None
 
     def qkv(self, x: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Projected queries, keys, values, each (B, heads, tokens, head_dim)."""
-        context = x if context is None else context
         split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)  # noqa: E731
-        return split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        if self.kv is not None:
+            k, v = self.kv
+            if k.shape[0] != x.shape[0]:
+                raise ModelError(f"{self.path}: keys and values computed for {k.shape[0]} rows, called with "
+                                 f"{x.shape[0]}")
+        else:
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
+        return split(self.to_q(x)), split(k), split(v)
 
     def out(self, attended: Tensor) -> Tensor:
         """(B, heads, tokens, head_dim) -> output projection."""
@@ -151,12 +163,18 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
+    # omg.lora.grouped hands proj's concept LoRA deltas to the gate kernel (fused_consumer): proj's output is the
+    # widest activation of the UNet, and adding the deltas on their own would read and write it once more
+    fused_delta_child = "proj"
+
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = Linear(dim_in, 2 * dim_out)
+        self.fused_delta: Optional[Callable[[Tensor], kernels.LowRankRows]] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.geglu(self.proj(x))  # x · gelu(gate) of the two halves, one pass on CUDA
+        # x · gelu(gate) of the two halves (+ the deltas), one pass on CUDA
+        return kernels.geglu(self.proj(x), None if self.fused_delta is None else self.fused_delta(x))
 
 
 class FeedForward(nn.Module):
@@ -382,6 +400,41 @@ class UNet(nn.Module):
             layers = {p: layers[p] for p in paths}
         for layer in layers.values():
             layer.processor = processor
+
+    # --- cross-attention keys and values ---------------------------------------------------------
+    def cross_kv(self, context: Tensor, into: Optional[CrossKV] = None) -> CrossKV:
+        """Every cross-attention layer's keys and values of `context` (B, T, context_dim), under the weights and
+        hooks installed now (a grouped call's concept LoRAs). They are the same at every step of a sampler: a
+        sampler computes them once and runs its steps in ``with unet.using_cross_kv(kv)``, which saves each step 140
+        small GEMMs (and their LoRA deltas) on SDXL. into: an earlier result for a context of the same shape,
+        overwritten in place and returned (a kept CUDA graph reads those tensors)."""
+        context = context.to(self.input_blocks[0][0].weight.dtype)
+        kv = {}
+        for path, layer in self._cross_layers():
+            k, v = layer.to_k(context), layer.to_v(context)
+            if into is not None:
+                into[path][0].copy_(k)
+                into[path][1].copy_(v)
+            kv[path] = (k, v)
+        return into if into is not None else kv
+
+    @contextmanager
+    def using_cross_kv(self, kv: Optional[CrossKV]) -> Iterator[None]:
+        """The UNet calls of the with-block read their cross-attention keys and values from kv (cross_kv of their
+        context, with as many rows) instead of projecting the context; kv None: they project it."""
+        layers = self._cross_layers() if kv is not None else ()
+        for path, layer in layers:
+            layer.kv = kv[path]
+        try:
+            yield
+        finally:
+            for _, layer in layers:
+                layer.kv = None
+
+    def _cross_layers(self) -> tuple[tuple[str, Attention], ...]:
+        if getattr(self, "_cross_layer_list", None) is None:  # the module tree is walked once
+            self._cross_layer_list = tuple(self.attention_layers("cross").items())
+        return self._cross_layer_list
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor,

@@ -224,3 +224,22 @@ def test_a_kept_controller_serves_only_its_configuration():
     assert control()[0] is not first
     release_graphs(model.unet)
     assert kept_graphs(model.unet) is None
+
+
+def test_a_graph_sets_constants_are_made_once_a_run_into_the_kept_tensors():
+    """GraphSet.constant: made at a run's first request, reused by the run; the next run remakes it into the same
+    tensors (a kept graph reads their addresses)."""
+    from omg.graphs import GraphSet
+    graphs, made = GraphSet(), []
+
+    def make(previous):
+        made.append(previous)
+        value = torch.zeros(2) if previous is None else previous
+        return value.add_(1)
+
+    first_run, second_run = object(), object()
+    first = graphs.constant("kv", first_run, make)
+    assert graphs.constant("kv", first_run, make) is first and made == [None]
+    second = graphs.constant("kv", second_run, make)
+    assert second is first and made[1] is first and second.tolist() == [2.0, 2.0]
+    assert graphs.constant("other", second_run, make).tolist() == [1.0, 1.0]

@@ -4,6 +4,7 @@ Each exact check is stated as such (max abs error 0); the others give their floa
 """
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -367,3 +368,45 @@ def test_concepts_without_text_encoder_loras_reuse_the_bases_negative_encoding(m
     encoded.clear()
     again = run(model, concepts)
     assert len(encoded) == 6 and torch.equal(again.latent, shared.latent)
+
+
+def test_cross_attention_keys_and_values_are_projected_once_a_stage(model, tmp_path, monkeypatch):
+    """Each stage projects its contexts' cross-attention keys and values once (the context is the same at every
+    step; stage 2 once for its grouped call, under the concepts' LoRAs), with the same latents as projecting them at
+    every call. Before, every UNet call projected them again (one to_k call per model call)."""
+    from contextlib import nullcontext
+    from omg.unet import UNet
+    loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
+    concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 32, 64)),
+                omg.Concept("woman", "a photo of ohwx woman", lora=loras[1], mask=(32, 0, 64, 64))]
+    layer = next(iter(model.unet.attention_layers("cross").values()))
+    calls = []
+    handle = layer.to_k.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        once = run(model, concepts)
+        assert calls == [2, 6]  # stage 1's [uncond; cond], stage 2's base rows + 2 concepts x 2 rows
+        monkeypatch.setattr(UNet, "using_cross_kv", lambda self, kv: nullcontext())
+        calls.clear()
+        every_call = run(model, concepts)
+    finally:
+        handle.remove()
+    assert len(calls) > STEPS and torch.equal(once.latent, every_call.latent)
+
+
+def test_the_stage1_image_is_decoded_only_when_read(model, monkeypatch):
+    """Stage 2 needs no stage-1 image with attention masks: generate decodes the final latents only, and the stage-1
+    image on its first read (the same pixels as decoding the stage-1 latent; one decode for the batch). Before,
+    every call decoded both."""
+    decodes, decode = [], model.vae.decode
+
+    def spy(latents, *args, **kwargs):
+        decodes.append(latents.shape[0])
+        return decode(latents, *args, **kwargs)
+
+    monkeypatch.setattr(model.vae, "decode", spy)
+    results = run(model, [omg.Concept("man", "a photo of a man")], num_images=2)
+    assert decodes == [2]
+    first = results[0].stage1_image
+    assert decodes == [2, 2] and results[1].stage1_image.size == (W, H) and decodes == [2, 2]
+    stage1 = model.decode(torch.cat([r.stage1_latent for r in results]))
+    assert np.array_equal(np.asarray(first), np.asarray(stage1[0]))

@@ -159,3 +159,31 @@ def test_sdxl_puts_its_unet_in_the_devices_preferred_layout(monkeypatch):
     conv = last.unet.input_blocks[0][0]
     assert not conv.weight.is_contiguous() and conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not in_layout_of(conv, torch.zeros(1, 4, 3, 3)).is_contiguous()
+
+
+def test_cross_kv_computed_once_give_the_same_eps():
+    """unet.cross_kv(context) and using_cross_kv: the same eps as projecting the context in every layer; a refresh
+    into the same tensors (a kept CUDA graph reads them) gives the new context's values; a call with other rows
+    fails."""
+    from omg.errors import ModelError
+    unet = UNet(UNetConfig.tiny()).eval()
+    randomize(unet, seed=4)
+    gen = torch.Generator().manual_seed(2)
+    x, ctx, y = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 7, 48, generator=gen), torch.randn(2, 64)
+    other = torch.randn(2, 7, 48, generator=gen)
+    t = torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        kv = unet.cross_kv(ctx)
+        assert sorted(kv) == sorted(unet.attention_layers("cross"))
+        with unet.using_cross_kv(kv):
+            cached = unet(x, t, torch.zeros_like(ctx), y)  # the context itself is not read again
+        assert torch.equal(cached, unet(x, t, ctx, y))
+        assert all(layer.kv is None for layer in unet.attention_layers("cross").values())
+        tensors = [k for k, _ in kv.values()]
+        refreshed = unet.cross_kv(other, into=kv)
+        assert refreshed is kv and all(k is t_ for (k, _), t_ in zip(kv.values(), tensors))
+        expected = unet(x, t, other, y)
+        with unet.using_cross_kv(kv):
+            assert torch.equal(unet(x, t, ctx, y), expected)
+            with pytest.raises(ModelError, match="computed for 2 rows"):
+                unet(x[:1], t[:1], other[:1], y[:1])
