@@ -2,8 +2,7 @@
 
 Modules: kernels.cross_attention (fused short-key attention: plain, capture, replay), kernels.blend,
 kernels.norm, kernels.residual_norm and kernels.ffn (the UNet's GroupNorm(+SiLU), residual add + LayerNorm and
-GEGLU, fused), kernels.low_rank (grouped concept LoRA deltas added to their row blocks), kernels.fp8 (e4m3
-matmuls with per-row scales: the activations' quantisation fused).
+GEGLU, fused), kernels.fp8 (e4m3 matmuls with per-row scales: the activations' quantisation fused).
 
 The functions here call the custom ops of kernels.ops (torch.ops.omg.*, which torch.compile traces as single
 nodes): each runs the Triton kernel when every tensor is on CUDA, triton imports, the kernel supports the
@@ -21,8 +20,7 @@ autograd (a tensor needs a gradient) the references run directly, as the kernels
     norm_act(norm, x, shift, silu)                             the same for an nn.GroupNorm
     layer_norm(norm, x)                                        an nn.LayerNorm's output, one pass
     add_layer_norm(norm, x, delta)                             (x + delta, norm(x + delta)) in one pass
-    geglu(h, delta)                                            a · gelu(g) of h = [a, g] (+ a LoRA delta) in one pass
-    add_low_rank(out, delta)                                   out += concept LoRA deltas on its row blocks, one pass
+    geglu(h)                                                   a · gelu(g) of h = [a, g] in one pass
     quantize_rows(x)                                           (e4m3 x / scale, scale = row amax / 448), one pass
     fp8_linear(x, w_q, w_scale, bias)                          x wᵀ + b as an e4m3 GEMM (w from quantize_weight)
 """
@@ -43,7 +41,6 @@ from kernels.cross_attention import (LOG8_STEP, MAP_FORMATS, Captured, capture_m
                                      cross_attention_reference, decode_maps, encode_maps, replay_maps_reference,
                                      replay_reference, supports)
 from kernels.ffn import geglu_reference
-from kernels.low_rank import LowRankRows, add_low_rank_reference
 from kernels.fp8 import fp8_matmul, fp8_matmul_reference, quantize_rows_reference, quantize_weight
 from kernels.norm import group_norm_reference
 from kernels.residual_norm import add_layer_norm_reference, layer_norm_reference
@@ -53,8 +50,7 @@ __all__ = ["HAS_TRITON", "LOG8_STEP", "MAP_FORMATS", "Captured", "use_triton", "
            "cross_attention_reference", "capture_reference", "capture_maps_reference", "replay_reference",
            "replay_maps_reference", "blend_guided_reference", "blend_eps_reference", "group_norm", "norm_act", "geglu",
            "layer_norm", "add_layer_norm", "layer_norm_reference", "add_layer_norm_reference", "group_norm_reference",
-           "geglu_reference", "LowRankRows", "add_low_rank", "add_low_rank_reference", "quantize_rows",
-           "quantize_rows_reference", "quantize_weight", "fp8_linear", "fp8_matmul",
+           "geglu_reference", "quantize_rows", "quantize_rows_reference", "quantize_weight", "fp8_linear", "fp8_matmul",
            "fp8_matmul_reference"]
 
 
@@ -162,22 +158,11 @@ def group_norm(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[
     return torch.ops.omg.group_norm(x, groups, weight, bias, eps, shift, silu)
 
 
-def geglu(h: Tensor, delta: Optional[LowRankRows] = None) -> Tensor:
-    """a · gelu(g) for h = [a, g] along the last axis; of h + delta's rows with a LowRankRows delta."""
-    if _needs_grad(h, *(delta[:2] if delta is not None else ())):
-        return geglu_reference(h, delta)
-    if delta is None:
-        return torch.ops.omg.geglu(h)
-    return torch.ops.omg.geglu_low_rank(h, delta.low, delta.up, delta.first_row)
-
-
-def add_low_rank(out: Tensor, delta: LowRankRows) -> None:
-    """out (..., N) += a LowRankRows delta on its flattened rows, in place (out contiguous)."""
-    flat = out.view(-1, out.shape[-1])
-    if _needs_grad(out, delta.low, delta.up):
-        add_low_rank_reference(flat, delta)
-    else:
-        torch.ops.omg.add_low_rank(flat, delta.low, delta.up, delta.first_row)
+def geglu(h: Tensor) -> Tensor:
+    """a · gelu(g) for h = [a, g] along the last axis."""
+    if _needs_grad(h):
+        return geglu_reference(h)
+    return torch.ops.omg.geglu(h)
 
 
 def norm_act(norm: torch.nn.GroupNorm, x: Tensor, shift: Optional[Tensor] = None, silu: bool = True) -> Tensor:

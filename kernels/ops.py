@@ -23,7 +23,6 @@ from torch import Tensor
 
 from kernels import cross_attention as _ca
 from kernels import ffn as _ffn
-from kernels import low_rank as _lr
 from kernels import fp8 as _fp8
 from kernels import norm as _norm
 from kernels import residual_norm as _ln
@@ -124,32 +123,6 @@ def geglu(h: Tensor) -> Tensor:
 @geglu.register_fake
 def _(h: Tensor) -> Tensor:
     return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
-
-
-@torch.library.custom_op("omg::geglu_low_rank", mutates_args=())
-def geglu_low_rank(h: Tensor, low: Tensor, up: Tensor, first_row: int) -> Tensor:
-    """a · gelu(g) of h + a LowRankRows(low, up, first_row) delta; contiguous output."""
-    delta = _lr.LowRankRows(low, up, first_row)
-    if runs_triton(h, low, up) and _ffn.supports_delta(h, delta):
-        return _ffn.geglu_triton(h, delta)
-    return _ffn.geglu_reference(h, delta).contiguous()
-
-
-@geglu_low_rank.register_fake
-def _(h: Tensor, low: Tensor, up: Tensor, first_row: int) -> Tensor:
-    return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
-
-
-# ------------------------------------------------------------------------------------- low-rank deltas
-
-@torch.library.custom_op("omg::add_low_rank", mutates_args=("out",))
-def add_low_rank(out: Tensor, low: Tensor, up: Tensor, first_row: int) -> None:
-    """out (rows, N) += a LowRankRows(low, up, first_row) delta, in place."""
-    delta = _lr.LowRankRows(low, up, first_row)
-    if runs_triton(out, low, up) and _lr.supports(out, delta):
-        _lr.add_low_rank_triton(out, delta)
-    else:
-        _lr.add_low_rank_reference(out, delta)
 
 
 # ------------------------------------------------------------------------------------------------ FP8

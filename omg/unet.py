@@ -163,18 +163,12 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    # omg.lora.grouped hands proj's concept LoRA deltas to the gate kernel (fused_consumer): proj's output is the
-    # widest activation of the UNet, and adding the deltas on their own would read and write it once more
-    fused_delta_child = "proj"
-
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = Linear(dim_in, 2 * dim_out)
-        self.fused_delta: Optional[Callable[[Tensor], kernels.LowRankRows]] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        # x · gelu(gate) of the two halves (+ the deltas), one pass on CUDA
-        return kernels.geglu(self.proj(x), None if self.fused_delta is None else self.fused_delta(x))
+        return kernels.geglu(self.proj(x))  # x · gelu(gate) of the two halves, one pass on CUDA
 
 
 class FeedForward(nn.Module):

@@ -11,7 +11,6 @@ import torch
 
 import kernels
 from kernels import ffn as kffn
-from kernels import low_rank as klr
 from kernels import residual_norm as kln
 from kernels import norm as knorm
 from test_kernels import interp
@@ -157,60 +156,6 @@ def test_interp_geglu(dtype):
         kffn.geglu_triton(h[..., 1:])
 
 
-def low_rank_inputs(rows, width, concepts, block, rank, first, dtype, device="cpu", seed=3):
-    """A layer output (rows, width) and a LowRankRows delta of `concepts` blocks from row `first`."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.randn(rows, width, generator=g).to(device, dtype)
-    low = (torch.randn(concepts, block, rank, generator=g) * 0.5).to(device, dtype)
-    up = (torch.randn(concepts, rank, width, generator=g) * 0.5).to(device, dtype)
-    return out, kernels.LowRankRows(low, up, first)
-
-
-def low_rank_fp32(out, delta):
-    """out + delta in fp32 (the oracle of both kernels)."""
-    ref = out.float().clone()
-    low, up, first = delta
-    ref[first:first + low.shape[0] * low.shape[1]] += torch.bmm(low.float(), up.float()).flatten(0, 1)
-    return ref
-
-
-@interp
-@pytest.mark.parametrize("dtype", [torch.float16])
-# (concepts, block rows, rank, width, first row): tiles of 16..64 rows, ranks padded to 16/64, partial column
-# tiles, no base rows
-@pytest.mark.parametrize("concepts,block,rank,width,first", [(2, 32, 8, 48, 16), (3, 64, 64, 130, 64),
-                                                              (1, 16, 20, 40, 0)])
-def test_interp_low_rank_kernels(dtype, concepts, block, rank, width, first):
-    out, delta = low_rank_inputs(first + concepts * block, width, concepts, block, rank, first, dtype)
-    ref = low_rank_fp32(out, delta)
-    added = out.clone()
-    klr.add_low_rank_triton(added, delta)
-    assert_close_ulps(added, ref, dtype)
-    assert torch.equal(added[:first], out[:first])
-    h, gate_delta = low_rank_inputs(first + concepts * block, 2 * width, concepts, block, rank, first, dtype, seed=4)
-    assert kffn.supports_delta(h, gate_delta)
-    assert_close_ulps(kffn.geglu_triton(h, gate_delta), kffn.geglu_reference(low_rank_fp32(h, gate_delta)), dtype)
-
-
-def test_low_rank_tiles_never_straddle_a_block():
-    assert klr.block_rows(2 * 4096, 2 * 4096) == 64 and klr.block_rows(2 * 1024, 2048, 32) == 32
-    assert klr.block_rows(48, 16) == 16 and klr.block_rows(24, 32) == 0
-    out, delta = low_rank_inputs(2 * 77 + 2 * 77, 32, 2, 77, 8, 2 * 77, torch.float16)  # attn2 to_k: 77-token rows
-    assert not klr.supports(out, delta) and not kffn.supports_delta(out, delta)
-
-
-def test_low_rank_dispatch_on_cpu_is_the_reference():
-    out, delta = low_rank_inputs(3 * 32, 40, 2, 32, 8, 32, torch.float32)
-    added = out.clone().view(3, 32, 40)
-    kernels.add_low_rank(added, delta)
-    expected = out.clone()
-    kernels.add_low_rank_reference(expected, delta)
-    assert torch.equal(added.view(-1, 40), expected)
-    assert torch.allclose(expected, low_rank_fp32(out, delta), atol=1e-4)
-    h, gate_delta = low_rank_inputs(3 * 32, 80, 2, 32, 8, 32, torch.float32)
-    assert torch.equal(kernels.geglu(h, gate_delta), kffn.geglu_reference(h, gate_delta))
-
-
 # ------------------------------------------------------------------------------ GPU, SDXL shapes
 
 gpu_dtypes = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -266,24 +211,6 @@ def test_gpu_geglu(dtype, shape):
     assert_close_ulps(out, kernels.geglu_reference(h.float()), dtype)
     assert (out.float() - kernels.geglu_reference(h.float())).abs().mean() <= \
         (kernels.geglu_reference(h).float() - kernels.geglu_reference(h.float())).abs().mean() + 1e-6
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@gpu_dtypes
-@pytest.mark.parametrize("tokens,width", [(4096, 640), (1024, 1280), (1024, 5120)])
-def test_gpu_low_rank_kernels(dtype, tokens, width):
-    """Stage 2 of k = 2: 2 base rows, 2 concepts x 2 rows, rank 64; the add and the gate with the delta."""
-    out, delta = low_rank_inputs(6 * tokens, width, 2, 2 * tokens, 64, 2 * tokens, dtype, device="cuda")
-    ref = low_rank_fp32(out, delta)
-    added = out.clone()
-    kernels.add_low_rank(added, delta)
-    assert_close_ulps(added, ref, dtype)
-    baddbmm = out.clone()
-    kernels.add_low_rank_reference(baddbmm, delta)
-    assert (added.float() - ref).abs().mean() <= (baddbmm.float() - ref).abs().mean() * 1.05 + 1e-6
-    h, gate_delta = low_rank_inputs(6 * tokens, 2 * width, 2, 2 * tokens, 64, 2 * tokens, dtype, device="cuda")
-    assert_close_ulps(kernels.geglu(h, gate_delta), kffn.geglu_reference(low_rank_fp32(h, gate_delta)), dtype)
 
 
 @pytest.mark.gpu

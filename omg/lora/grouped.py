@@ -4,9 +4,8 @@ OMG's stage 2 runs the base model and k concept models at every step. Merging a 
 every tensor its LoRA touches (4.1 GiB fp16 for a rank-64 LoRA on all kohya SDXL targets). Here the base
 weights are shared and only the thin factors are kept (325 MiB per such concept), so the base pass and all
 concept passes fit in one UNet call: each base GEMM runs once over every row and each concept's block of
-rows gets up_i(down_i(x)) on top (Punica's segmented GEMM; the blocks are equal here, so one batched
-matmul per layer makes every concept's low-rank activations and one kernel adds up(low) into the layer's output,
-kernels.low_rank; the FeedForward projection's delta goes into the GEGLU gate kernel instead, fused_consumer).
+rows gets up_i(down_i(x)) on top (Punica's segmented GEMM; the blocks are equal here, so two batched
+matmuls per layer serve every concept at once, the second adding into the layer's output in its epilogue).
 Cost on an H100: 18.6 of the 126.8 ms of kernels of a batch-7 SDXL call with two rank-64 concepts
 (bench/results/profile_h100.json), about what batching the passes saves: the price of not merging.
 
@@ -23,8 +22,6 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-import kernels
-from kernels import LowRankRows
 from omg.errors import LoraError
 from omg.lora.adapters import LowRank
 from omg.lora.merge import Patch
@@ -46,15 +43,12 @@ class _Stacked:
         self.down, self.up = down, up
         self.nbytes = (down.numel() + up.numel()) * down.element_size()
 
-    def delta(self, x: Tensor, members: range, first_row: int = 0) -> LowRankRows:
-        """The members' deltas for x (their row blocks, in order) as kernels.LowRankRows of an output whose rows
-        from `first_row` on (flattened) are x's."""
-        n = len(members)
-        low = torch.bmm(x.reshape(n, -1, x.shape[-1]), self.down[members.start:members.stop])
-        return LowRankRows(low, self.up[members.start:members.stop], first_row)
-
     def add(self, x: Tensor, out: Tensor, members: range) -> None:
-        kernels.add_low_rank(out, self.delta(x, members))  # one read and one write of out, no delta tensor
+        n = len(members)
+        xs = x.reshape(n, -1, x.shape[-1])
+        low = torch.bmm(xs, self.down[members.start:members.stop])
+        # out += low @ up in the GEMM's epilogue: no delta tensor, one read and one write of out
+        out.view(n, -1, out.shape[-1]).baddbmm_(low, self.up[members.start:members.stop])
 
 
 def _factors(items: list[Patch], n_in: int, n_out: int) -> tuple[Tensor, Tensor]:
@@ -139,16 +133,6 @@ class _PerConcept:
                 out[rows] += fn(x[rows])
 
 
-def fused_consumer(root: nn.Module, name: str) -> Optional[nn.Module]:
-    """The module that adds the LoRA delta of its child `name` inside its own kernel, or None. Such a module
-    (omg.unet.GEGLU: its gate kernel reads the projection's output once, delta included) names the child in
-    ``fused_delta_child`` and, while a grouped call is installed, calls ``fused_delta(x)`` (x: the child's input)
-    for a kernels.LowRankRows."""
-    parent, _, child = name.rpartition(".")
-    module = root.get_submodule(parent) if parent else root
-    return module if getattr(module, "fused_delta_child", None) == child else None
-
-
 class GroupedLora:
     """Concept LoRAs applied to their own row blocks of one call to a shared base module (see module doc).
 
@@ -189,37 +173,21 @@ class GroupedLora:
         rows = slice(first_row, first_row + self.rows_per_concept * len(members))
         handles = []
 
-        def check(x: Tensor) -> None:
-            if x.shape[0] != rows.stop:
-                raise LoraError(f"a grouped LoRA call needs {rows.stop} rows "
-                                f"({first_row} + {self.rows_per_concept} x {len(members)}), got {x.shape[0]}")
-
         def hook_for(layer):
             def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-                check(args[0])
-                layer.add(args[0][rows], out[rows], members)  # a fresh layer output: safe to update in place
+                x = args[0]
+                if x.shape[0] != rows.stop:
+                    raise LoraError(f"a grouped LoRA call needs {rows.stop} rows "
+                                    f"({first_row} + {self.rows_per_concept} x {len(members)}), got {x.shape[0]}")
+                layer.add(x[rows], out[rows], members)  # a fresh layer output: safe to update in place
                 return out
             return hook
 
-        def fused_for(layer: _Stacked):
-            def delta(x: Tensor) -> LowRankRows:
-                check(x)
-                return layer.delta(x[rows], members, rows.start * (x[0].numel() // x.shape[-1]))
-            return delta
-
-        consumers = []
         try:
             if len(members):
                 for name, layer in self.layers.items():
-                    consumer = fused_consumer(self.root, name)
-                    if consumer is not None and isinstance(layer, _Stacked):
-                        consumer.fused_delta = fused_for(layer)
-                        consumers.append(consumer)
-                    else:
-                        handles.append(self.root.get_submodule(name).register_forward_hook(hook_for(layer)))
+                    handles.append(self.root.get_submodule(name).register_forward_hook(hook_for(layer)))
             yield self.root
         finally:
             for h in handles:
                 h.remove()
-            for consumer in consumers:
-                consumer.fused_delta = None
