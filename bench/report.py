@@ -28,7 +28,15 @@ def _load(name: str) -> list[dict]:
     """Every GPU result of a bench, newest first."""
     paths = glob.glob(os.path.join(RESULTS, f"{name}_*.json"))
     found = [json.load(open(p)) for p in paths if not p.endswith("_cpu.json") and "_partial" not in p]
-    return sorted((d for d in found if "date" in d), key=lambda d: d["date"], reverse=True)  # not the classifier caches
+    return sorted((d for d in found if "date" in d and not _of_another_bench(d, name)), key=lambda d: d["date"],
+                  reverse=True)  # not the classifier caches
+
+
+def _of_another_bench(d: dict, name: str) -> bool:
+    """Written by another bench script whose name starts like this one's (unet_layout_h200.json for "unet"); a run
+    renamed with --name (omg_grouped_h100.json) is still its bench's."""
+    bench = d.get("bench", name)
+    return bench != name and os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), bench + ".py"))
 
 
 def _table(header: list[str], rows: list[list]) -> str:
