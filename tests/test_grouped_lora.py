@@ -115,3 +115,17 @@ def test_the_stacking_is_kept_for_the_same_concepts(unet):
     weaker = GroupedLora(unet, [bind(unet, (lora, strength / 2))] + [bind(unet, s) for s in rest])
     assert weaker.layers[name] is not first.layers[name]
     torch.testing.assert_close(weaker.layers[name].up[0] * 2, first.layers[name].up[0])
+
+
+def test_installing_looks_up_no_module(unet, monkeypatch):
+    """The patched modules are looked up once, at construction: installing the hooks (every grouped call eagerly,
+    each stage-2 run for its cross-attention keys and values) walks no module path. Before, it called get_submodule
+    for each patched layer (722 on SDXL, 38 ms of host time)."""
+    grouped = GroupedLora(unet, [bind(unet, s) for s in concepts(unet) if s is not None])
+    looked_up = []
+    get_submodule = torch.nn.Module.get_submodule
+    monkeypatch.setattr(torch.nn.Module, "get_submodule",
+                        lambda self, target: looked_up.append(target) or get_submodule(self, target))
+    with grouped.installed(1):
+        pass
+    assert looked_up == [] and len(grouped.modules) == len(grouped.layers)

@@ -66,8 +66,8 @@ def patches_by_module(patches: dict[str, list[Patch]]) -> dict[str, list[Patch]]
     return per_module
 
 
-def hookable(root: nn.Module, name: str, items: list[Patch]) -> nn.Module:
-    m = root.get_submodule(name)
+def hookable(m: nn.Module, name: str, items: list[Patch]) -> nn.Module:
+    """m (the module `name` that items patch), checked to be one whose output a delta can be added to."""
     if not isinstance(m, (nn.Linear, nn.Conv2d)):
         raise LoraError(f"{items[0].path}: unmerged mode cannot hook {type(m).__name__} {name}")
     return m
@@ -101,7 +101,7 @@ class UnmergedLora:
         self.extra_bytes = 0  # memory held by the on-the-fly factors / dense deltas
         try:
             for name, items in per_module.items():
-                fns, nbytes = delta_fns(hookable(root, name, items), items)
+                fns, nbytes = delta_fns(hookable(root.get_submodule(name), name, items), items)
                 self.extra_bytes += nbytes
                 self.handles.append(root.get_submodule(name).register_forward_hook(self._hook(fns)))
         except BaseException:
