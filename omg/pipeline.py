@@ -393,7 +393,7 @@ def _concept_conditioning(model: Any, concept: Concept, lora: Optional[LoraFile]
     LoRA has no text-encoder part (its encoder is then the base's: the negative prompt is encoded once a call)."""
     negative = concept.negative_prompt if concept.negative_prompt is not None else o.negative_prompt
     negatives = None if negative is None else [negative]
-    own = lora is not None and bool(bind(model.text, [(lora, concept.lora_scale)]))
+    own = lora is not None and bool(lora.families & {"te1", "te2"})  # text_encoder_lora matches and checks them
     loras = ([(lora, concept.lora_scale)] if own else []) + list(styles)
     with text_encoder_lora(model.text, loras) if loras else nullcontext():
         return model.conditioning([concept.prompt], negatives, o.height, o.width,

@@ -370,6 +370,7 @@ class UNet(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, Attention):
                 module.path = name
+        self._cross_layer_list: Optional[tuple[tuple[str, Attention], ...]] = None  # _cross_layers, made once
 
     # --- attention hook -------------------------------------------------------------------------
     def attention_layers(self, kind: Optional[str] = None) -> dict[str, Attention]:
@@ -426,7 +427,7 @@ class UNet(nn.Module):
                 layer.kv = None
 
     def _cross_layers(self) -> tuple[tuple[str, Attention], ...]:
-        if getattr(self, "_cross_layer_list", None) is None:  # the module tree is walked once
+        if self._cross_layer_list is None:  # the module tree is walked once
             self._cross_layer_list = tuple(self.attention_layers("cross").items())
         return self._cross_layer_list
 

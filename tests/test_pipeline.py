@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import omg
 from omg.attention import outputs_store_bytes
 from omg.errors import LoraError, SamplingError
-from omg.lora import merged_lora, text_encoder_lora
+from omg.lora import load_lora, merged_lora, text_encoder_lora
 from omg.masks import SamRefiner
 from omg.model import SDXL
 from omg.pipeline import DEFAULT_NEGATIVE
@@ -352,6 +352,7 @@ def test_concepts_without_text_encoder_loras_reuse_the_bases_negative_encoding(m
     with_te = kohya_lora(model, tmp_path / "with_te.safetensors", seed=1, te=True)
     concepts = [omg.Concept("man", "a photo of sks man", lora=plain, mask=(0, 0, 32, 64)),
                 omg.Concept("woman", "a photo of ohwx woman", lora=with_te, mask=(32, 0, 64, 64))]
+    assert load_lora(plain).families == {"unet"} and load_lora(with_te).families == {"unet", "te1"}
     encoded, encode = [], model.text.encode
 
     def spy(prompts, *args, **kwargs):

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from omg.errors import CheckpointError, LoraError
 from omg.lora.adapters import Adapter, Full, LoHa, LoKr, LowRank
+from omg.lora.targets import family as component_of
 from omg.tensorfile import MAX_DIMS
 
 # suffix -> (family, part); longest suffixes first so ".lora.up.weight" wins over ".up.weight"-like overlaps
@@ -69,6 +70,11 @@ class LoraFile:
     adapters: dict[str, Adapter]
     unknown_keys: list[str] = field(default_factory=list)  # keys of no known format (reported when applied)
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def families(self) -> frozenset[str]:
+        """The components its modules are for: "unet", "te1" (CLIP-L), "te2" (bigG)."""
+        return frozenset(component_of(name) for name in self.adapters)
 
     def __repr__(self) -> str:
         kinds: dict[str, int] = {}
