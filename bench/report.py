@@ -205,7 +205,8 @@ def h200_targets_section(d: dict, steps: Optional[dict] = None, others: Sequence
              _yes(robust >= 4.7)],
             ["time(k = 5) / time(k = 1) <= 2.0", f"{s['time_k5_over_k1']:.2f}", _yes(s["time_k5_over_k1"] <= 2.0)],
             ["a low-memory configuration: peak k = 2 <= 14 GB, beside the fastest one",
-             f"store recompute, grouped {low['peak_gib']:.2f} GiB = {low['peak_gib'] * GIB / 1e9:.1f} GB in "
+             f"store recompute, grouped{' (factors only)' if low.get('merge_wide') is False else ''} "
+             f"{low['peak_gib']:.2f} GiB = {low['peak_gib'] * GIB / 1e9:.1f} GB in "
              f"{low['seconds']:.2f} s; default (store {k[2]['store']}) {k[2]['peak_gib']:.2f} GiB in "
              f"{k[2]['seconds']:.2f} s; merged {merged['peak_gib']:.2f} GiB in {merged['seconds']:.2f} s",
              _yes(low["peak_gib"] * GIB <= 14e9)]]
@@ -233,6 +234,7 @@ def omg_section(d: dict) -> str:
     for r in d["rows"]:
         t = r["timings"]
         lora = r.get("lora_mode", "merged") + ("" if r.get("triton", True) else ", torch ops only")
+        lora += {True: ", wide layers merged", False: ", factors only"}.get(r.get("merge_wide"), "")
         replay = f" + self-replay {r['self_replay_steps']}" if r["self_replay_steps"] else ""
         replay += f", concept_crop margin {r['crop_margin']}" if r.get("crop_margin") is not None else ""
         replay += ", fp8" if r.get("fp8") else ""

@@ -83,10 +83,12 @@ def _separate_passes(count: int, concept_role) -> list[UNetPass]:
 
 
 class GroupedWeights(StageTwoWeights):
-    """Every concept's LoRA factors on the shared base UNet (rows_per_concept: [uncond; cond] x images)."""
+    """Every concept's LoRA factors on the shared base UNet (rows_per_concept: [uncond; cond] x images); merge_wide:
+    merged copies of the widest layers (omg.lora.GroupedLora)."""
 
-    def __init__(self, unet: nn.Module, patches: Sequence[Optional[dict[str, list[Patch]]]], images: int = 1):
-        self.lora = GroupedLora(unet, list(patches), rows_per_concept=2 * images)
+    def __init__(self, unet: nn.Module, patches: Sequence[Optional[dict[str, list[Patch]]]], images: int = 1,
+                 merge_wide: bool = False):
+        self.lora = GroupedLora(unet, list(patches), rows_per_concept=2 * images, merge_wide=merge_wide)
 
     def passes(self, count: int, base_rows: int, one_call_possible: bool) -> list[UNetPass]:
         if one_call_possible:

@@ -22,7 +22,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from omg.attention import AttentionControl, choose_store, original_self_replay_queries, outputs_store_bytes
+from omg.attention import (AttentionControl, choose_store, free_memory, original_self_replay_queries,
+                           outputs_store_bytes)
 from omg.callbacks import StepCallback, StepEvent
 from omg.concept_weights import GroupedWeights, MergedWeights, StageTwoWeights
 from omg.control import ControlStack, check_controls
@@ -33,6 +34,7 @@ from omg.instantid import FacePasses, check_instantid, load_faces, load_instanti
 from omg.graphs import KeptGraphs, graphs_usable, keep_graphs, kept_graphs, release_graphs
 from omg.inputs import check_model
 from omg.lora import ConceptWeights, LoraFile, bind, load_lora, text_encoder_lora
+from omg.lora.grouped import wide_copy_bytes
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks, token_heatmaps
 from omg.model import decode_images
 from omg.options import DEFAULT_NEGATIVE, LORA_MODES, OMGOptions  # noqa: F401 (re-exported)
@@ -148,7 +150,7 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
 
     # ---- setup: concept weights, conditioning, ControlNets, noise, the model-call schedule ---------------------
     # every LoRA is matched before sampling: one for another base fails here, the model untouched
-    concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode)
+    concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode, o.merge_wide and not o.fp8)
     negatives = None if o.negative_prompt is None else [o.negative_prompt]
     base_text: dict = {}  # what the base's text encoder (styles merged) encoded: concepts without their own reuse it
     with text_encoder_lora(model.text, styles):
@@ -342,23 +344,30 @@ class _ConceptModels:
     """The concepts' weights, matched (grouped: bound patches) or merged (merged: ConceptWeights) before sampling;
     stage 2 gets those of the concepts found."""
 
-    def __init__(self, unet: torch.nn.Module, mode: str, per_concept: list):
-        self.unet, self.mode, self.per_concept = unet, mode, per_concept
+    def __init__(self, unet: torch.nn.Module, mode: str, per_concept: list, merge_wide: bool = False):
+        self.unet, self.mode, self.per_concept, self.merge_wide = unet, mode, per_concept, merge_wide
 
     @classmethod
     def load(cls, unet: torch.nn.Module, concepts: Sequence[Concept], loras: Sequence[Optional[LoraFile]],
-             mode: str) -> "_ConceptModels":
+             mode: str, merge_wide: bool = False) -> "_ConceptModels":
         assert mode in LORA_MODES, mode
         # grouped: matched and validated now; the factors are stacked once the masks are known
         prepare = bind if mode == "grouped" else ConceptWeights.merge
         return cls(unet, mode, [None if lora is None else prepare(unet, (lora, c.lora_scale))
-                                for c, lora in zip(concepts, loras)])
+                                for c, lora in zip(concepts, loras)], merge_wide)
 
     def for_stage2(self, active: Sequence[int], images: int) -> StageTwoWeights:
         chosen = [self.per_concept[i] for i in active]
         if self.mode == "grouped":
-            return GroupedWeights(self.unet, chosen, images)
+            return GroupedWeights(self.unet, chosen, images, self.merge_wide and self._copies_fit(chosen))
         return MergedWeights(self.unet, chosen)
+
+    def _copies_fit(self, chosen: list) -> bool:
+        """merge_wide's copies take at most a quarter of what the device can still allocate (with the copies kept
+        from the last call, which they replace); else the factors alone run (on an unknown device too)."""
+        needed, kept = wide_copy_bytes(self.unet, chosen)
+        free = free_memory(next(self.unet.parameters()).device)
+        return free is not None and 4 * needed <= free + kept
 
 
 # The LoRA files the last generate call read, by (real path, size, modification time): a repeated render reads

@@ -36,10 +36,16 @@ def concepts(unet):
             (kohya_lowrank(unet, [Q, OUT], rank=8, seed=2), 1.0)]
 
 
-def test_grouped_rows_equal_each_concept_merged(unet):
+@pytest.mark.parametrize("merge_wide", [False, True])
+def test_grouped_rows_equal_each_concept_merged(unet, merge_wide):
+    """merge_wide: the FeedForward projection (8x wider out than in) runs the concepts' merged copies on their rows;
+    the same rows as merging each concept."""
+    from omg.lora.grouped import _MergedRows
     specs = concepts(unet)
-    grouped = GroupedLora(unet, [None if s is None else bind(unet, s) for s in specs])
+    grouped = GroupedLora(unet, [None if s is None else bind(unet, s) for s in specs], merge_wide=merge_wide)
     assert grouped.stacked_layers > 0 and grouped.stacked_layers < len(grouped.layers)  # both paths run
+    merged_rows = [name for name, layer in grouped.layers.items() if isinstance(layer, _MergedRows)]
+    assert merged_rows == ([FF] if merge_wide else [])
     base_rows = 3
     x, t, ctx, y = inputs(base_rows + 2 * len(specs))
     with torch.no_grad():
@@ -58,6 +64,7 @@ def test_grouped_rows_equal_each_concept_merged(unet):
             assert (got[rows] - expected).abs().max() <= 1e-4, i
     assert (got[:base_rows] - plain[:base_rows]).abs().max() <= 1e-5  # base rows untouched
     assert torch.equal(after, plain)  # hooks removed
+    assert all("forward" not in m.__dict__ for m in unet.modules())  # the replaced forwards restored
 
 
 def test_members_select_a_consecutive_run_of_concepts(unet):

@@ -411,3 +411,26 @@ def test_the_stage1_image_is_decoded_only_when_read(model, monkeypatch):
     assert decodes == [2, 2] and results[1].stage1_image.size == (W, H) and decodes == [2, 2]
     stage1 = model.decode(torch.cat([r.stage1_latent for r in results]))
     assert np.array_equal(np.asarray(first), np.asarray(stage1[0]))
+
+
+def test_merge_wide_copies_only_where_memory_allows(model, tmp_path, monkeypatch):
+    """merge_wide (on by default): the FeedForward projections run merged copies on the concepts' rows when the copies
+    take at most a quarter of the free memory, else the factors alone; the same image within float rounding either
+    way (and as the factors-only option)."""
+    import omg.pipeline as pipeline
+    from omg.lora.grouped import _MergedRows
+    loras = [kohya_lora_all_targets(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
+    concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 32, 64)),
+                omg.Concept("woman", "a photo of ohwx woman", lora=loras[1], mask=(32, 0, 64, 64))]
+
+    def merged_rows(result):
+        return sum(isinstance(layer, _MergedRows) for layer in result.stage2.weights.lora.layers.values())
+
+    wide = run(model, concepts, keep_stage2=True)
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: 1000)
+    short = run(model, concepts, keep_stage2=True)
+    monkeypatch.undo()
+    off = run(model, concepts, keep_stage2=True, merge_wide=False)
+    assert merged_rows(wide) > 0 and merged_rows(short) == 0 and merged_rows(off) == 0
+    assert torch.equal(short.latent, off.latent)
+    assert (wide.latent - off.latent).abs().max().item() <= 1e-4 * off.latent.abs().max().item()

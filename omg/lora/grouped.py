@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from omg.errors import LoraError
 from omg.lora.adapters import LowRank
-from omg.lora.merge import Patch
+from omg.lora.merge import Patch, merged_tensor
 from omg.lora.unmerged import delta_fns, hookable, patches_by_module
 
 
@@ -114,6 +114,83 @@ def _stack_linears_cached(root: nn.Module, entries: list[tuple[str, nn.Linear, l
     return stacked
 
 
+# A Linear whose output is at least WIDE times wider than its input (SDXL's FeedForward input projections: 8x) runs
+# each concept's row block with a merged copy of its weight (GroupedLora's merge_wide): the low-rank delta's
+# read-modify-write of that output costs more than splitting the layer's GEMM by row blocks.
+WIDE = 4
+
+
+def _wide(m: nn.Module, per_concept: list[list[Patch]]) -> bool:
+    return isinstance(m, nn.Linear) and m.out_features >= WIDE * m.in_features and \
+        all(_stackable(m, items) for items in per_concept)
+
+
+class _MergedRows:
+    """Every concept's merged copy of one Linear's weight (None: the concept leaves it alone): the base rows run the
+    base weight, each concept's row block its own copy, one GEMM each."""
+
+    def __init__(self, weights: list[Optional[Tensor]]):
+        self.weights = weights
+        self.nbytes = sum(w.numel() * w.element_size() for w in weights if w is not None)
+
+    def forward(self, m: nn.Linear, x: Tensor, rows: slice, rows_per_concept: int, members: range) -> Tensor:
+        """m(x) with the members' copies on their row blocks (x: (rows, ..., in))."""
+        per_row = x[0].numel() // m.in_features
+        flat_x = x.reshape(-1, m.in_features)
+        out = flat_x.new_empty(flat_x.shape[0], m.out_features)
+        blocks = [(0, rows.start, m.weight)] + [
+            (rows.start + j * rows_per_concept, rows.start + (j + 1) * rows_per_concept,
+             m.weight if self.weights[i] is None else self.weights[i]) for j, i in enumerate(members)]
+        for start, stop, weight in blocks:
+            if stop > start:
+                block = slice(start * per_row, stop * per_row)
+                if m.bias is None:
+                    torch.mm(flat_x[block], weight.t(), out=out[block])
+                else:
+                    torch.addmm(m.bias, flat_x[block], weight.t(), out=out[block])
+        return out.view(*x.shape[:-1], m.out_features)
+
+
+def _merge_rows(entries: list[tuple[str, nn.Linear, list[list[Patch]]]]) -> dict[str, _MergedRows]:
+    return {name: _MergedRows([merged_tensor(m.weight, items) if items else None for items in per_concept])
+            for name, m, per_concept in entries}
+
+
+# The last merged copies per base model (as _last_stacking): repeated renders with the same concepts and the same base
+# weights (their storage and in-place writes: a style LoRA merged into the base is another key) reuse them.
+_last_merged_rows: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, dict[str, _MergedRows]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _merge_rows_cached(root: nn.Module, entries: list[tuple[str, nn.Linear, list[list[Patch]]]]
+                       ) -> dict[str, _MergedRows]:
+    key = tuple((name, m.weight.data_ptr(), m.weight._version, m.weight.dtype, m.weight.device,
+                 tuple(tuple((id(p.adapter), p.strength) for p in items) for items in per_concept))
+                for name, m, per_concept in entries)
+    last = _last_merged_rows.get(root)
+    if last is not None and last[0] == key:
+        return last[2]
+    _last_merged_rows.pop(root, None)  # its copies are freed before the new ones are made
+    merged = _merge_rows(entries)
+    adapters = [p.adapter for _, _, per_concept in entries for items in per_concept for p in items]
+    _last_merged_rows[root] = (key, adapters, merged)
+    return merged
+
+
+def wide_copy_bytes(root: nn.Module, concepts: Sequence[Optional[dict[str, list[Patch]]]]) -> tuple[int, int]:
+    """(the bytes merge_wide's copies take for these concepts, the bytes of those kept from the last construction on
+    root, which making new ones frees or reuses)."""
+    per_concept = [patches_by_module(c or {}) for c in concepts]
+    modules = dict(root.named_modules())
+    total = 0
+    for name in {name for c in per_concept for name in c}:
+        m, items = modules[name], [c.get(name, []) for c in per_concept]
+        if _wide(m, items):
+            total += m.weight.numel() * m.weight.element_size() * sum(bool(i) for i in items)
+    last = _last_merged_rows.get(root)
+    return total, sum(layer.nbytes for layer in last[2].values()) if last is not None else 0
+
+
 class _PerConcept:
     """Any other patches (LoCon convs, LoHa/LoKr/DoRA dense deltas, bias diffs): one delta per concept."""
 
@@ -137,11 +214,14 @@ class GroupedLora:
     """Concept LoRAs applied to their own row blocks of one call to a shared base module (see module doc).
 
     concepts: one bind() result per concept ({parameter: [Patch]}; None or {} for a concept without LoRA).
+    merge_wide: the layers WIDE times wider out than in run merged copies of their weight on the concepts' rows
+    (faster; the copies cost memory: 1.6 GiB a concept on SDXL); their Linear forward is replaced while installed
+    (not for omg.fp8's e4m3 layers: switch it off with fp8).
     Use ``with grouped.installed(first_row, members): out = root(...)``; the base weights are never modified.
     """
 
     def __init__(self, root: nn.Module, concepts: Sequence[Optional[dict[str, list[Patch]]]],
-                 rows_per_concept: int = 2):
+                 rows_per_concept: int = 2, merge_wide: bool = False):
         self.root, self.count, self.rows_per_concept = root, len(concepts), rows_per_concept
         per_concept = [patches_by_module(c or {}) for c in concepts]
         names = sorted({name for c in per_concept for name in c})
@@ -149,16 +229,19 @@ class GroupedLora:
         # construction and every installation)
         modules = dict(root.named_modules())
         self.modules: dict[str, nn.Module] = {}
-        self.layers: dict[str, _Stacked | _PerConcept] = {}
-        linears = []
+        self.layers: dict[str, _Stacked | _PerConcept | _MergedRows] = {}
+        linears, wide = [], []
         for name in names:
             items = [c.get(name, []) for c in per_concept]
             m = self.modules[name] = hookable(modules[name], name, next(i for i in items if i))
-            if all(_stackable(m, i) for i in items):
+            if merge_wide and _wide(m, items):
+                wide.append((name, m, items))
+            elif all(_stackable(m, i) for i in items):
                 linears.append((name, m, items))
             else:
                 self.layers[name] = _PerConcept(m, items)
         self.layers.update(_stack_linears_cached(root, linears))
+        self.layers.update(_merge_rows_cached(root, wide))
 
     @property
     def extra_bytes(self) -> int:
@@ -177,21 +260,40 @@ class GroupedLora:
         rows = slice(first_row, first_row + self.rows_per_concept * len(members))
         handles = []
 
+        def check(x: Tensor) -> None:
+            if x.shape[0] != rows.stop:
+                raise LoraError(f"a grouped LoRA call needs {rows.stop} rows "
+                                f"({first_row} + {self.rows_per_concept} x {len(members)}), got {x.shape[0]}")
+
         def hook_for(layer):
             def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-                x = args[0]
-                if x.shape[0] != rows.stop:
-                    raise LoraError(f"a grouped LoRA call needs {rows.stop} rows "
-                                    f"({first_row} + {self.rows_per_concept} x {len(members)}), got {x.shape[0]}")
-                layer.add(x[rows], out[rows], members)  # a fresh layer output: safe to update in place
+                check(args[0])
+                layer.add(args[0][rows], out[rows], members)  # a fresh layer output: safe to update in place
                 return out
             return hook
 
+        def forward_for(module: nn.Linear, layer: _MergedRows):
+            if getattr(module, "fp8", False):
+                raise LoraError("merge_wide runs 16-bit GEMMs: it does not combine with omg.fp8's e4m3 layers")
+
+            def forward(x: Tensor) -> Tensor:
+                check(x)
+                return layer.forward(module, x, rows, self.rows_per_concept, members)
+            return forward
+
+        replaced = []
         try:
             if len(members):
                 for name, layer in self.layers.items():
-                    handles.append(self.modules[name].register_forward_hook(hook_for(layer)))
+                    module = self.modules[name]
+                    if isinstance(layer, _MergedRows):
+                        module.forward = forward_for(module, layer)  # an instance attribute: nn.Module calls it
+                        replaced.append(module)
+                    else:
+                        handles.append(module.register_forward_hook(hook_for(layer)))
             yield self.root
         finally:
             for h in handles:
                 h.remove()
+            for module in replaced:
+                del module.forward
