@@ -348,7 +348,11 @@ def make_masks(names: Sequence[str], image_size: tuple[int, int], heatmaps: Opti
                         + ", ".join(repr(n) for n, u in zip(names, users) if u is None))
     else:
         fallback = set()
-    scores, masks = masks_from_attention(heat, threshold, component_ratio)
+    # attention masks for the concepts without a user mask only (each map is thresholded on its own)
+    scores, masks = heat.clone(), torch.zeros(k, h, w, dtype=torch.bool, device=device)
+    auto = [i for i, u in enumerate(users) if u is None]
+    if auto:
+        scores[auto], masks[auto] = masks_from_attention(heat[auto], threshold, component_ratio)
     sources = ["split" if i in fallback else "attention" for i in range(k)]
     for i, u in enumerate(users):
         if u is not None:

@@ -33,11 +33,12 @@ from omg.fp8 import fp8_linears
 from omg.instantid import FacePasses, check_instantid, load_faces, load_instantid
 from omg.graphs import KeptGraphs, graphs_usable, keep_graphs, kept_graphs, release_graphs
 from omg.inputs import check_model
-from omg.lora import ConceptWeights, LoraFile, bind, load_lora, text_encoder_lora
+from omg.lora import ConceptWeights, LoraFile, text_encoder_lora
 from omg.lora.grouped import wide_copy_bytes
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks, token_heatmaps
 from omg.model import decode_images
 from omg.options import DEFAULT_NEGATIVE, LORA_MODES, OMGOptions  # noqa: F401 (re-exported)
+from omg.reuse import Reuse, weights_key
 from omg.sampling import NoiseSchedule, StepInfo, diffusers_ddim_options, get_sampler, run_sampler
 from omg.schedule import CallSchedule
 from omg.stage1 import run_stage1
@@ -127,8 +128,9 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
     noise = noise if noise is not None else latents
     inputs = _Inputs.check(model, prompt, concepts, options, noise)  # all that can fail before any weights move
     timer = _Timer(model.device)
+    reuse = Reuse.begin()  # what the last call kept: LoRA files, bound patches, prompt encodings (omg.reuse)
     # every LoRA is loaded before sampling; the style LoRAs are in the base weights for the whole call (omg.style)
-    loras = _load_concept_loras(concepts)
+    loras = reuse.loras(concepts)
     styles = load_styles(options.style_lora)
     # InstantID: every face (photos detected now) and both models before sampling
     faces = {i: f for i, f in zip([i for i, c in enumerate(concepts) if c.face is not None],
@@ -137,25 +139,30 @@ def generate(model: Any, prompt: str, concepts: Sequence[Concept] = (), options:
     # fp8: the styled weights quantised on entry, before any CUDA graph is recorded (omg.fp8)
     with style_merged(model.unet, styles), fp8_linears(model.unet, options.fp8), \
             (instantid.adapter.installed(model.unet) if instantid else nullcontext()):
-        return _generate(model, prompt, concepts, loras, styles, options, inputs, timer, noise, callback,
+        return _generate(model, prompt, concepts, loras, styles, options, inputs, timer, reuse, noise, callback,
                          (instantid, faces))
 
 
 def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Optional[LoraFile]],
               styles: list[tuple[LoraFile, float]], o: OMGOptions, inputs: "_Inputs", timer: "_Timer",
-              noise: Optional[Tensor], callback: Optional[StepCallback],
+              reuse: Reuse, noise: Optional[Tensor], callback: Optional[StepCallback],
               instantid: tuple = (None, {})) -> Union[Result, list[Result]]:
     unet, n = model.unet, len(inputs.seeds)
     instantid_models, faces = instantid
 
     # ---- setup: concept weights, conditioning, ControlNets, noise, the model-call schedule ---------------------
     # every LoRA is matched before sampling: one for another base fails here, the model untouched
-    concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode, o.merge_wide and not o.fp8)
+    concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode, o.merge_wide and not o.fp8, reuse)
     negatives = None if o.negative_prompt is None else [o.negative_prompt]
-    base_text: dict = {}  # what the base's text encoder (styles merged) encoded: concepts without their own reuse it
+    text_key = weights_key(model.text)  # the text encoder's weights before any LoRA is merged on it
+
+    def encodings(text_loras: Sequence[tuple[LoraFile, float]]) -> dict:
+        """What the text encoder with text_loras merged encodes, shared by this call's conditionings and the next
+        call's (a negative prompt is encoded once)."""
+        return reuse.encodings(text_key, text_loras)
     with text_encoder_lora(model.text, styles):
-        base_cond = model.conditioning([prompt], negatives, o.height, o.width, encoded=base_text)
-    concept_cond = [_concept_conditioning(model, c, lora, o, styles, base_text) for c, lora in zip(concepts, loras)]
+        base_cond = model.conditioning([prompt], negatives, o.height, o.width, encoded=encodings(styles))
+    concept_cond = [_concept_conditioning(model, c, lora, o, styles, encodings) for c, lora in zip(concepts, loras)]
     controls = ControlStack.prepare(o.control, unet, o.height, o.width, o.steps)
     noise_schedule = NoiseSchedule.sdxl()
     # DDIM ends on alphas_cumprod[0] (diffusers' SDXL DDIM, set_alpha_to_one=False); the others on sigma 0
@@ -171,6 +178,7 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
     control, kept = _attention_control(model, calls, latent_hw, n, o, inputs,
                                        keepable=inputs.cuda_graphs and o.keep_graphs and controls is None
                                        and not styles and not o.fp8 and not faces)
+    reuse.keep()
     timer.lap("setup")
 
     # ---- stage 1: the global prompt with the base model -----------------------------------------------------
@@ -349,11 +357,13 @@ class _ConceptModels:
 
     @classmethod
     def load(cls, unet: torch.nn.Module, concepts: Sequence[Concept], loras: Sequence[Optional[LoraFile]],
-             mode: str, merge_wide: bool = False) -> "_ConceptModels":
+             mode: str, merge_wide: bool = False, reuse: Optional[Reuse] = None) -> "_ConceptModels":
         assert mode in LORA_MODES, mode
+        reuse = reuse or Reuse()
         # grouped: matched and validated now; the factors are stacked once the masks are known
-        prepare = bind if mode == "grouped" else ConceptWeights.merge
-        return cls(unet, mode, [None if lora is None else prepare(unet, (lora, c.lora_scale))
+        prepare = reuse.bound if mode == "grouped" else lambda unet, lora, scale: ConceptWeights.merge(unet,
+                                                                                                       (lora, scale))
+        return cls(unet, mode, [None if lora is None else prepare(unet, lora, c.lora_scale)
                                 for c, lora in zip(concepts, loras)], merge_wide)
 
     def for_stage2(self, active: Sequence[int], images: int) -> StageTwoWeights:
@@ -370,43 +380,21 @@ class _ConceptModels:
         return free is not None and 4 * needed <= free + kept
 
 
-# The LoRA files the last generate call read, by (real path, size, modification time): a repeated render reads
-# none again, so its concepts also keep their stacked factors and stage 2's CUDA graphs (omg.lora.grouped,
-# keep_graphs). Held until the next call.
-_last_loras: dict[tuple, LoraFile] = {}
-
-
-def _load_concept_loras(concepts: Sequence[Concept]) -> list[Optional[LoraFile]]:
-    global _last_loras
-    read: dict[tuple, LoraFile] = {}
-    loras: list[Optional[LoraFile]] = []
-    for c in concepts:
-        if c.lora is None or isinstance(c.lora, LoraFile):
-            loras.append(c.lora)
-            continue
-        st = os.stat(c.lora)
-        key = (os.path.realpath(c.lora), st.st_size, st.st_mtime_ns)
-        lora = read.get(key) or _last_loras.get(key) or load_lora(c.lora)
-        read[key] = lora
-        loras.append(lora)
-    _last_loras = read
-    return loras
-
-
 def _concept_conditioning(model: Any, concept: Concept, lora: Optional[LoraFile], o: OMGOptions,
-                          styles: Sequence[tuple[LoraFile, float]] = (), base_text: Optional[dict] = None
+                          styles: Sequence[tuple[LoraFile, float]] = (),
+                          encodings: Optional[Callable[[Sequence[tuple[LoraFile, float]]], dict]] = None
                           ) -> tuple[Tensor, Tensor]:
     """[uncond; cond] context and y of a concept, encoded with its text-encoder LoRA (if it has one) and the styles'.
 
-    base_text: the encodings of the base's text encoder (SDXL.conditioning's `encoded`), shared when the concept's
-    LoRA has no text-encoder part (its encoder is then the base's: the negative prompt is encoded once a call)."""
+    encodings(loras): SDXL.conditioning's `encoded` for the text encoder with those LoRAs merged (None: encode
+    anew); a concept whose LoRA has no text-encoder part shares the base's (styles only)."""
     negative = concept.negative_prompt if concept.negative_prompt is not None else o.negative_prompt
     negatives = None if negative is None else [negative]
     own = lora is not None and bool(lora.families & {"te1", "te2"})  # text_encoder_lora matches and checks them
     loras = ([(lora, concept.lora_scale)] if own else []) + list(styles)
     with text_encoder_lora(model.text, loras) if loras else nullcontext():
         return model.conditioning([concept.prompt], negatives, o.height, o.width,
-                                  encoded=None if own else base_text)
+                                  encoded=encodings(loras) if encodings is not None else None)
 
 
 def _masks(control: AttentionControl, inputs: _Inputs, stage1_images: Stage1Images, image: int,

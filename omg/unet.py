@@ -367,18 +367,19 @@ class UNet(nn.Module):
                 self.output_blocks.append(Block(layers))
 
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
-        for name, module in self.named_modules():
-            if isinstance(module, Attention):
-                module.path = name
-        self._cross_layer_list: Optional[tuple[tuple[str, Attention], ...]] = None  # _cross_layers, made once
+        # the attention layers by SGM path, found once: every generate call routes them (a walk of the 1877 modules of
+        # SDXL's tree, about 2 ms of host time, several times a call)
+        self._attention_list = tuple((name, m) for name, m in self.named_modules() if isinstance(m, Attention))
+        for name, module in self._attention_list:
+            module.path = name
+        self._cross_layer_list = tuple((name, m) for name, m in self._attention_list if m.is_cross)
 
     # --- attention hook -------------------------------------------------------------------------
     def attention_layers(self, kind: Optional[str] = None) -> dict[str, Attention]:
         """Attention layers by SGM path; kind = "self" (attn1), "cross" (attn2) or None for both."""
         if kind not in (None, "self", "cross"):
             raise ModelError(f"kind must be 'self', 'cross' or None, not {kind!r}")
-        return {name: m for name, m in self.named_modules() if isinstance(m, Attention)
-                and (kind is None or m.is_cross == (kind == "cross"))}
+        return {name: m for name, m in self._attention_list if kind is None or m.is_cross == (kind == "cross")}
 
     def set_attention_processor(self, processor: Optional[AttentionProcessor], kind: Optional[str] = None,
                                 paths: Optional[Sequence[str]] = None) -> None:
@@ -405,7 +406,7 @@ class UNet(nn.Module):
         overwritten in place and returned (a kept CUDA graph reads those tensors)."""
         context = context.to(self.input_blocks[0][0].weight.dtype)
         kv = {}
-        for path, layer in self._cross_layers():
+        for path, layer in self._cross_layer_list:
             k, v = layer.to_k(context), layer.to_v(context)
             if into is not None:
                 into[path][0].copy_(k)
@@ -417,7 +418,7 @@ class UNet(nn.Module):
     def using_cross_kv(self, kv: Optional[CrossKV]) -> Iterator[None]:
         """The UNet calls of the with-block read their cross-attention keys and values from kv (cross_kv of their
         context, with as many rows) instead of projecting the context; kv None: they project it."""
-        layers = self._cross_layers() if kv is not None else ()
+        layers = self._cross_layer_list if kv is not None else ()
         for path, layer in layers:
             layer.kv = kv[path]
         try:
@@ -425,11 +426,6 @@ class UNet(nn.Module):
         finally:
             for _, layer in layers:
                 layer.kv = None
-
-    def _cross_layers(self) -> tuple[tuple[str, Attention], ...]:
-        if self._cross_layer_list is None:  # the module tree is walked once
-            self._cross_layer_list = tuple(self.attention_layers("cross").items())
-        return self._cross_layer_list
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor,

@@ -152,6 +152,27 @@ def test_user_box_and_masks_override_attention():
     assert res.sources == ["attention", "user"] and (res.masks[1] > 0)[4, 4] and not (res.masks[0] > 0)[4, 4]
 
 
+def test_attention_masks_are_made_only_for_concepts_without_a_user_mask(monkeypatch):
+    """make_masks thresholds only the maps of concepts without a user mask (none at all when every concept has one):
+    the same masks as thresholding every map. Before, every map was thresholded and the user's masks written over
+    them (a connected-components pass per map, a device sync per iteration)."""
+    H = W = 128
+    heat = torch.stack([blob(16, 16, 4, 4, 2), blob(16, 16, 12, 12, 2), blob(16, 16, 4, 12, 2)])
+    seen, real = [], M.masks_from_attention
+    monkeypatch.setattr(M, "masks_from_attention", lambda h, *a: seen.append(len(h)) or real(h, *a))
+    boxes = [(8, 16, 40, 64), None, (64, 0, 128, 40)]
+    some = M.make_masks(["a", "b", "c"], (H, W), heat, user_masks=boxes)
+    every = M.make_masks(["a", "b", "c"], (H, W), heat, user_masks=[boxes[0], (0, 64, 128, 128), boxes[2]])
+    assert seen == [1] and some.sources == ["user", "attention", "user"]
+    scores, masks = real(M.normalize(heat))  # every map thresholded; the users' masks then override theirs
+    users = M.prepare_user_masks(boxes, (H, W), ["a", "b", "c"])
+    for i in (0, 2):
+        masks[i], scores[i] = users[i], users[i].float() * M.USER_SCORE
+    expected = M.feather(M.resolve_overlaps(masks, scores), 0.0)
+    assert torch.equal(some.masks, expected) and torch.equal(some.scores, scores)
+    assert every.sources == ["user"] * 3
+
+
 @pytest.mark.parametrize("spec, match", [
     (np.zeros((100, 128)), r"'hat'.*\(128, 128\).*\(16, 16\)"),
     (np.zeros((16, 17)), r"'hat'.*image size"),

@@ -2,6 +2,7 @@
 
 Each exact check is stated as such (max abs error 0); the others give their float tolerance.
 """
+import dataclasses
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ from omg.lora import load_lora, merged_lora, text_encoder_lora
 from omg.masks import SamRefiner
 from omg.model import SDXL
 from omg.pipeline import DEFAULT_NEGATIVE
+from omg.reuse import Reuse
 from omg.sampling import NoiseSchedule, apply_guidance, run_sampler
 from omg.txt2img import sample_latents
 from omg.vae import VAEConfig
@@ -329,11 +331,11 @@ def test_self_replay_layers_original_against_all(model, tmp_path, monkeypatch, s
 def test_a_repeated_render_reads_its_lora_files_once(model, tmp_path, monkeypatch):
     """Concepts given as paths: the next call reuses the files the last one read (so its stacked factors and kept
     CUDA graphs too), unless a file changed on disk."""
-    import omg.pipeline as pipeline
+    import omg.reuse
 
     path = kohya_lora(model, tmp_path / "a.safetensors", seed=1)
     reads = []
-    monkeypatch.setattr(pipeline, "load_lora", lambda p: reads.append(p) or omg.lora.load_lora(p))
+    monkeypatch.setattr(omg.reuse, "load_lora", lambda p: reads.append(p) or omg.lora.load_lora(p))
     concepts = [omg.Concept("man", "a photo of sks man", lora=path, mask=(0, 0, 40, 64))]
     first = run(model, concepts)
     again = run(model, concepts)
@@ -360,15 +362,55 @@ def test_concepts_without_text_encoder_loras_reuse_the_bases_negative_encoding(m
         return encode(prompts, *args, **kwargs)
 
     monkeypatch.setattr(model.text, "encode", spy)
+    monkeypatch.setattr(Reuse, "_last", None)  # no encodings kept from the tests before
     shared = run(model, concepts)
     assert sorted(encoded) == sorted([(PROMPT,), (DEFAULT_NEGATIVE,), ("a photo of sks man",),
                                       ("a photo of ohwx woman",), (DEFAULT_NEGATIVE,)])
     unshared = pipeline._concept_conditioning
     monkeypatch.setattr(pipeline, "_concept_conditioning",
-                        lambda *a, **k: unshared(*a[:5], **{**k, "base_text": None}))
+                        lambda *a, **k: unshared(*a[:5], **{**k, "encodings": None}))
     encoded.clear()
+    again = run(model, concepts)  # the base's encodings are the last call's; each concept encodes both prompts
+    assert len(encoded) == 4 and torch.equal(again.latent, shared.latent)
+
+
+def test_a_repeated_render_encodes_no_prompt_and_binds_no_lora_again(model, tmp_path, monkeypatch):
+    """The next call reuses the last call's prompt encodings while the text encoder's weights and the LoRAs merged
+    on it for them are the same, and its LoRAs' patches bound to the UNet; the same latents bit for bit. Another
+    text-encoder LoRA, or the encoder's weights changed in place, encode anew. Before, every call encoded every
+    prompt and bound every LoRA."""
+    import omg.reuse
+    loras = [kohya_lora(model, tmp_path / f"{i}.safetensors", seed=i, te=True) for i in range(3)]
+    concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 32, 64)),
+                omg.Concept("woman", "a photo of ohwx woman", lora=loras[1], mask=(32, 0, 64, 64))]
+    encoded, encode, binds, bind = [], model.text.encode, [], omg.reuse.bind
+    monkeypatch.setattr(model.text, "encode", lambda prompts, *a, **k: encoded.append(tuple(prompts))
+                        or encode(prompts, *a, **k))
+    monkeypatch.setattr(omg.reuse, "bind", lambda *a, **k: binds.append(a) or bind(*a, **k))
+    monkeypatch.setattr(Reuse, "_last", None)
+    first = run(model, concepts)
+    assert len(encoded) == 6 and len(binds) == 2  # prompt, negative; each concept's two with its own encoder
+    encoded.clear(), binds.clear()
     again = run(model, concepts)
-    assert len(encoded) == 6 and torch.equal(again.latent, shared.latent)
+    assert encoded == [] and binds == [] and torch.equal(again.latent, first.latent)
+
+    other = [concepts[0], dataclasses.replace(concepts[1], lora=loras[2])]  # another text-encoder LoRA, same prompt
+    swapped = run(model, other)
+    assert sorted(encoded) == sorted([("a photo of ohwx woman",), (DEFAULT_NEGATIVE,)]) and len(binds) == 1
+    monkeypatch.setattr(Reuse, "_last", None)
+    assert torch.equal(run(model, other).latent, swapped.latent)  # as encoded and bound in a fresh process
+
+    weight = model.text.clip_l.text_model.encoder.layers[0].mlp.fc1.weight
+    kept = weight.detach().clone()
+    encoded.clear()
+    with torch.no_grad():
+        weight.mul_(1.5)  # in place: the same address, a new version
+    try:
+        changed = run(model, concepts)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+    assert len(encoded) == 6 and not torch.equal(changed.latent, first.latent)
 
 
 def test_cross_attention_keys_and_values_are_projected_once_a_stage(model, tmp_path, monkeypatch):
