@@ -1,7 +1,7 @@
 """A k-concept OMG image with full-size SDXL (random weights) at 1024x1024, 50 DDIM steps, blending over the
 last 35, rank-64 kohya LoRAs on every kohya target: seconds per stage, UNet evaluations, peak memory, the
 replay store's size. The default store is generate's ("auto": stage 1's attention outputs kept where memory allows);
---stores adds rows with other stores at k=store_k (recompute, with the LoRA factors only: merge_wide off, the
+--stores adds rows with other stores at k=store_k (recompute, with the LoRA factors only: merge_linears off, the
 low-memory configuration).
 
 Also, in the same process: the original code's schedule (bench/reference.py) at k=2 (--reference), the
@@ -72,7 +72,7 @@ def render(model: SDXL, loras: list, k: int, args, **options):
 
 def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0, graphs: bool = True,
         lora_mode: str = "grouped", keep: Optional[dict] = None, crop: Optional[int] = None, fp8: bool = False,
-        repeat: bool = True, merge_wide: bool = True) -> dict:
+        repeat: bool = True, merge_linears: bool = True) -> dict:
     """One configuration: with CUDA graphs (and repeat) its first image (graph recording, LoRA stacking) and then
     the timed one, the steady state of repeated renders (what generate keeps between them, as a user's loop would
     have it); without, one image. Nothing is kept from the configuration before."""
@@ -83,7 +83,7 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
     graphs = graphs and store != "maps" and not self_replay  # where generate can run CUDA graphs
     options = dict(store=store, self_replay_steps=self_replay, cuda_graphs=graphs, lora_mode=lora_mode,
                    concept_crop=crop is not None, crop_margin=8 if crop is None else crop, fp8=fp8,
-                   merge_wide=merge_wide)
+                   merge_linears=merge_linears)
     first = None
     if graphs and repeat:
         first = render(model, loras, k, args, **options).timings["total"]
@@ -94,7 +94,7 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
     seconds = t["total"]
     row = dict(k=k, store=result.store, store_option=store, self_replay_steps=self_replay, lora_mode=lora_mode,
                crop_margin=crop, fp8=fp8,
-               merge_wide=(merge_wide and not fp8) if lora_mode == "grouped" else None,
+               merge_linears=(merge_linears and not fp8) if lora_mode == "grouped" else None,
                triton=os.environ.get("OMG_DISABLE_TRITON") != "1",
                cuda_graphs=graphs, seconds=round(seconds, 3), timings={n: round(v, 3) for n, v in t.items()},
                first_seconds=None if first is None else round(first, 3),
@@ -106,7 +106,7 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
         keep[(k, store, self_replay, graphs, lora_mode) + (() if crop is None else ("crop",))
              + (("fp8",) if fp8 else ())] = result.latent
         keep[("masks", k)] = result.masks
-    print(f"k={k} {lora_mode}{' factors only' if row['merge_wide'] is False else ''}"
+    print(f"k={k} {lora_mode}{' factors only' if row['merge_linears'] is False else ''}"
           f"{' fp8' if fp8 else ''}{'' if crop is None else f' crop {crop}'} store={store:9s} "
           f"self-replay {self_replay} "
           f"graphs {row['cuda_graphs']:d}: "
@@ -344,8 +344,9 @@ def main() -> None:
     rows += [run(model, loras, k, "recompute", args, lora_mode="merged", graphs=False, keep=latents)
              for k in args.merged_k]
     del os.environ["OMG_DISABLE_TRITON"]
-    # recompute with the LoRA factors only (merge_wide off): the low-memory configuration
-    rows += [run(model, loras, args.store_k, s, args, merge_wide=s != "recompute") for s in args.stores if s != DEFAULT]
+    # recompute with the LoRA factors only (merge_linears off): the low-memory configuration
+    rows += [run(model, loras, args.store_k, s, args, merge_linears=s != "recompute")
+             for s in args.stores if s != DEFAULT]
     if args.self_replay:
         rows.append(run(model, loras, args.store_k, "recompute", args, self_replay=args.self_replay))
     default = lambda r: (r["store_option"] == DEFAULT and not r["self_replay_steps"]  # noqa: E731

@@ -205,7 +205,7 @@ def h200_targets_section(d: dict, steps: Optional[dict] = None, others: Sequence
              _yes(robust >= 4.7)],
             ["time(k = 5) / time(k = 1) <= 2.0", f"{s['time_k5_over_k1']:.2f}", _yes(s["time_k5_over_k1"] <= 2.0)],
             ["a low-memory configuration: peak k = 2 <= 14 GB, beside the fastest one",
-             f"store recompute, grouped{' (factors only)' if low.get('merge_wide') is False else ''} "
+             f"store recompute, grouped{' (factors only)' if _merged_rows(low) is False else ''} "
              f"{low['peak_gib']:.2f} GiB = {low['peak_gib'] * GIB / 1e9:.1f} GB in "
              f"{low['seconds']:.2f} s; default (store {k[2]['store']}) {k[2]['peak_gib']:.2f} GiB in "
              f"{k[2]['seconds']:.2f} s; merged {merged['peak_gib']:.2f} GiB in {merged['seconds']:.2f} s",
@@ -229,12 +229,24 @@ def h200_targets_section(d: dict, steps: Optional[dict] = None, others: Sequence
             + _table(["target", f"measured ({d['device']})", "met"], rows))
 
 
+def _merged_rows(row: dict):
+    """What a grouped row ran as merged copies on the concepts' rows: "linear" (merge_linears), "wide" (the
+    merge_wide of earlier runs: the FeedForward input projections only), False (the factors only), None (not
+    recorded, or not grouped)."""
+    if row.get("merge_linears") is not None:
+        return "linear" if row["merge_linears"] else False
+    if row.get("merge_wide") is not None:
+        return "wide" if row["merge_wide"] else False
+    return None
+
+
 def omg_section(d: dict) -> str:
     rows = []
     for r in d["rows"]:
         t = r["timings"]
         lora = r.get("lora_mode", "merged") + ("" if r.get("triton", True) else ", torch ops only")
-        lora += {True: ", wide layers merged", False: ", factors only"}.get(r.get("merge_wide"), "")
+        lora += {"wide": ", wide layers merged", "linear": ", Linear layers merged on their rows",
+                 False: ", factors only"}.get(_merged_rows(r), "")
         replay = f" + self-replay {r['self_replay_steps']}" if r["self_replay_steps"] else ""
         replay += f", concept_crop margin {r['crop_margin']}" if r.get("crop_margin") is not None else ""
         replay += ", fp8" if r.get("fp8") else ""

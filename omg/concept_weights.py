@@ -83,12 +83,12 @@ def _separate_passes(count: int, concept_role) -> list[UNetPass]:
 
 
 class GroupedWeights(StageTwoWeights):
-    """Every concept's LoRA factors on the shared base UNet (rows_per_concept: [uncond; cond] x images); merge_wide:
-    merged copies of the widest layers (omg.lora.GroupedLora)."""
+    """Every concept's LoRA factors on the shared base UNet (rows_per_concept: [uncond; cond] x images); merge_linears:
+    merged copies of the patched Linear layers on the concepts' rows (omg.lora.GroupedLora)."""
 
     def __init__(self, unet: nn.Module, patches: Sequence[Optional[dict[str, list[Patch]]]], images: int = 1,
-                 merge_wide: bool = False):
-        self.lora = GroupedLora(unet, list(patches), rows_per_concept=2 * images, merge_wide=merge_wide)
+                 merge_linears: bool = False):
+        self.lora = GroupedLora(unet, list(patches), rows_per_concept=2 * images, merge_linears=merge_linears)
 
     def passes(self, count: int, base_rows: int, one_call_possible: bool) -> list[UNetPass]:
         if one_call_possible:

@@ -80,11 +80,12 @@ class OMGOptions:
     lora_mode: str = _option("grouped", "concept weights in stage 2: LoRA factors on the shared base weights, one "
                                         "UNet call a step (grouped), or merged tensors swapped in per concept",
                              choices=LORA_MODES)
-    merge_wide: bool = _option(True, "grouped lora_mode: the concepts' widest layers (Linear outputs >= 4x their "
-                                     "inputs: SDXL's FeedForward input projections) run merged copies of their "
-                                     "weights on the concepts' rows instead of low-rank deltas (faster; 1.6 GiB a "
-                                     "concept on SDXL); off: only the LoRA factors (with store='recompute' the "
-                                     "low-memory configuration); not with fp8", parse=bool)
+    merge_linears: bool = _option(True, "grouped lora_mode: each concept's rows of the Linear layers its LoRA "
+                                        "patches run a merged copy of the layer's weight instead of the low-rank "
+                                        "delta (faster; the copies cost what merging costs: 4.1 GiB a concept for a "
+                                        "rank-64 LoRA on every kohya target of SDXL), where they take at most a "
+                                        "quarter of the free memory; off: only the LoRA factors (with "
+                                        "store='recompute' the low-memory configuration); not with fp8", parse=bool)
     concept_crop: bool = _option(False, "fast mode: run each concept pass of stage 2 on its mask's bounding box plus "
                                         "crop_margin (omg.crop), not on the whole latent", parse=bool)
     crop_margin: int = _option(8, "concept_crop: latent pixels around each mask's box (widened to the UNet's "

@@ -34,7 +34,7 @@ from omg.instantid import FacePasses, check_instantid, load_faces, load_instanti
 from omg.graphs import KeptGraphs, graphs_usable, keep_graphs, kept_graphs, release_graphs
 from omg.inputs import check_model
 from omg.lora import ConceptWeights, LoraFile, text_encoder_lora
-from omg.lora.grouped import wide_copy_bytes
+from omg.lora.grouped import merged_copy_bytes
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks, token_heatmaps
 from omg.model import decode_images
 from omg.options import DEFAULT_NEGATIVE, LORA_MODES, OMGOptions  # noqa: F401 (re-exported)
@@ -152,7 +152,7 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
 
     # ---- setup: concept weights, conditioning, ControlNets, noise, the model-call schedule ---------------------
     # every LoRA is matched before sampling: one for another base fails here, the model untouched
-    concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode, o.merge_wide and not o.fp8, reuse)
+    concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode, o.merge_linears and not o.fp8, reuse)
     negatives = None if o.negative_prompt is None else [o.negative_prompt]
     text_key = weights_key(model.text)  # the text encoder's weights before any LoRA is merged on it
 
@@ -352,30 +352,30 @@ class _ConceptModels:
     """The concepts' weights, matched (grouped: bound patches) or merged (merged: ConceptWeights) before sampling;
     stage 2 gets those of the concepts found."""
 
-    def __init__(self, unet: torch.nn.Module, mode: str, per_concept: list, merge_wide: bool = False):
-        self.unet, self.mode, self.per_concept, self.merge_wide = unet, mode, per_concept, merge_wide
+    def __init__(self, unet: torch.nn.Module, mode: str, per_concept: list, merge_linears: bool = False):
+        self.unet, self.mode, self.per_concept, self.merge_linears = unet, mode, per_concept, merge_linears
 
     @classmethod
     def load(cls, unet: torch.nn.Module, concepts: Sequence[Concept], loras: Sequence[Optional[LoraFile]],
-             mode: str, merge_wide: bool = False, reuse: Optional[Reuse] = None) -> "_ConceptModels":
+             mode: str, merge_linears: bool = False, reuse: Optional[Reuse] = None) -> "_ConceptModels":
         assert mode in LORA_MODES, mode
         reuse = reuse or Reuse()
         # grouped: matched and validated now; the factors are stacked once the masks are known
         prepare = reuse.bound if mode == "grouped" else lambda unet, lora, scale: ConceptWeights.merge(unet,
                                                                                                        (lora, scale))
         return cls(unet, mode, [None if lora is None else prepare(unet, lora, c.lora_scale)
-                                for c, lora in zip(concepts, loras)], merge_wide)
+                                for c, lora in zip(concepts, loras)], merge_linears)
 
     def for_stage2(self, active: Sequence[int], images: int) -> StageTwoWeights:
         chosen = [self.per_concept[i] for i in active]
         if self.mode == "grouped":
-            return GroupedWeights(self.unet, chosen, images, self.merge_wide and self._copies_fit(chosen))
+            return GroupedWeights(self.unet, chosen, images, self.merge_linears and self._copies_fit(chosen))
         return MergedWeights(self.unet, chosen)
 
     def _copies_fit(self, chosen: list) -> bool:
-        """merge_wide's copies take at most a quarter of what the device can still allocate (with the copies kept
+        """merge_linears' copies take at most a quarter of what the device can still allocate (with the copies kept
         from the last call, which they replace); else the factors alone run (on an unknown device too)."""
-        needed, kept = wide_copy_bytes(self.unet, chosen)
+        needed, kept = merged_copy_bytes(self.unet, chosen)
         free = free_memory(next(self.unet.parameters()).device)
         return free is not None and 4 * needed <= free + kept
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from omg.lora import ConceptWeights, GroupedLora, bind, load_lora
+from omg.lora.grouped import _Stacked
 from test_lora import CONV, FF, K2, OUT, Q, W, kohya, lr, mixed_lora, unet  # noqa: F401 (fixture)
 
 
@@ -36,16 +37,17 @@ def concepts(unet):
             (kohya_lowrank(unet, [Q, OUT], rank=8, seed=2), 1.0)]
 
 
-@pytest.mark.parametrize("merge_wide", [False, True])
-def test_grouped_rows_equal_each_concept_merged(unet, merge_wide):
-    """merge_wide: the FeedForward projection (8x wider out than in) runs the concepts' merged copies on their rows;
-    the same rows as merging each concept."""
+@pytest.mark.parametrize("merge_linears", [False, True])
+def test_grouped_rows_equal_each_concept_merged(unet, merge_linears):
+    """The Linear layers with only low-rank patches run stacked factors, or (merge_linears) the concepts' merged copies
+    on their rows; the other patches one delta per concept. The same rows as merging each concept."""
     from omg.lora.grouped import _MergedRows
     specs = concepts(unet)
-    grouped = GroupedLora(unet, [None if s is None else bind(unet, s) for s in specs], merge_wide=merge_wide)
-    assert grouped.stacked_layers > 0 and grouped.stacked_layers < len(grouped.layers)  # both paths run
+    grouped = GroupedLora(unet, [None if s is None else bind(unet, s) for s in specs], merge_linears=merge_linears)
+    low_rank = [name for name, layer in grouped.layers.items() if isinstance(layer, (_Stacked, _MergedRows))]
+    assert 0 < len(low_rank) < len(grouped.layers)  # both paths run
     merged_rows = [name for name, layer in grouped.layers.items() if isinstance(layer, _MergedRows)]
-    assert merged_rows == ([FF] if merge_wide else [])
+    assert merged_rows == (low_rank if merge_linears else []) and FF in low_rank
     base_rows = 3
     x, t, ctx, y = inputs(base_rows + 2 * len(specs))
     with torch.no_grad():

@@ -455,10 +455,10 @@ def test_the_stage1_image_is_decoded_only_when_read(model, monkeypatch):
     assert np.array_equal(np.asarray(first), np.asarray(stage1[0]))
 
 
-def test_merge_wide_copies_only_where_memory_allows(model, tmp_path, monkeypatch):
-    """merge_wide (on by default): the FeedForward projections run merged copies on the concepts' rows when the copies
-    take at most a quarter of the free memory, else the factors alone; the same image within float rounding either
-    way (and as the factors-only option)."""
+def test_merge_linears_copies_only_where_memory_allows(model, tmp_path, monkeypatch):
+    """merge_linears (on by default): the patched Linear layers run merged copies on the concepts' rows when the
+    copies take at most a quarter of the free memory, else the factors alone; the same image within float rounding
+    either way (and as the factors-only option)."""
     import omg.pipeline as pipeline
     from omg.lora.grouped import _MergedRows
     loras = [kohya_lora_all_targets(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
@@ -468,11 +468,11 @@ def test_merge_wide_copies_only_where_memory_allows(model, tmp_path, monkeypatch
     def merged_rows(result):
         return sum(isinstance(layer, _MergedRows) for layer in result.stage2.weights.lora.layers.values())
 
-    wide = run(model, concepts, keep_stage2=True)
+    merged = run(model, concepts, keep_stage2=True)
     monkeypatch.setattr(pipeline, "free_memory", lambda device: 1000)
     short = run(model, concepts, keep_stage2=True)
     monkeypatch.undo()
-    off = run(model, concepts, keep_stage2=True, merge_wide=False)
-    assert merged_rows(wide) > 0 and merged_rows(short) == 0 and merged_rows(off) == 0
+    off = run(model, concepts, keep_stage2=True, merge_linears=False)
+    assert merged_rows(merged) > 0 and merged_rows(short) == 0 and merged_rows(off) == 0
     assert torch.equal(short.latent, off.latent)
-    assert (wide.latent - off.latent).abs().max().item() <= 1e-4 * off.latent.abs().max().item()
+    assert (merged.latent - off.latent).abs().max().item() <= 1e-4 * off.latent.abs().max().item()

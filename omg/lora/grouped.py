@@ -114,17 +114,6 @@ def _stack_linears_cached(root: nn.Module, entries: list[tuple[str, nn.Linear, l
     return stacked
 
 
-# A Linear whose output is at least WIDE times wider than its input (SDXL's FeedForward input projections: 8x) runs
-# each concept's row block with a merged copy of its weight (GroupedLora's merge_wide): the low-rank delta's
-# read-modify-write of that output costs more than splitting the layer's GEMM by row blocks.
-WIDE = 4
-
-
-def _wide(m: nn.Module, per_concept: list[list[Patch]]) -> bool:
-    return isinstance(m, nn.Linear) and m.out_features >= WIDE * m.in_features and \
-        all(_stackable(m, items) for items in per_concept)
-
-
 class _MergedRows:
     """Every concept's merged copy of one Linear's weight (None: the concept leaves it alone): the base rows run the
     base weight, each concept's row block its own copy, one GEMM each."""
@@ -177,15 +166,15 @@ def _merge_rows_cached(root: nn.Module, entries: list[tuple[str, nn.Linear, list
     return merged
 
 
-def wide_copy_bytes(root: nn.Module, concepts: Sequence[Optional[dict[str, list[Patch]]]]) -> tuple[int, int]:
-    """(the bytes merge_wide's copies take for these concepts, the bytes of those kept from the last construction on
+def merged_copy_bytes(root: nn.Module, concepts: Sequence[Optional[dict[str, list[Patch]]]]) -> tuple[int, int]:
+    """(the bytes merge_linears' copies take for these concepts, the bytes of those kept from the last construction on
     root, which making new ones frees or reuses)."""
     per_concept = [patches_by_module(c or {}) for c in concepts]
     modules = dict(root.named_modules())
     total = 0
     for name in {name for c in per_concept for name in c}:
         m, items = modules[name], [c.get(name, []) for c in per_concept]
-        if _wide(m, items):
+        if all(_stackable(m, i) for i in items):
             total += m.weight.numel() * m.weight.element_size() * sum(bool(i) for i in items)
     last = _last_merged_rows.get(root)
     return total, sum(layer.nbytes for layer in last[2].values()) if last is not None else 0
@@ -214,14 +203,16 @@ class GroupedLora:
     """Concept LoRAs applied to their own row blocks of one call to a shared base module (see module doc).
 
     concepts: one bind() result per concept ({parameter: [Patch]}; None or {} for a concept without LoRA).
-    merge_wide: the layers WIDE times wider out than in run merged copies of their weight on the concepts' rows
-    (faster; the copies cost memory: 1.6 GiB a concept on SDXL); their Linear forward is replaced while installed
-    (not for omg.fp8's e4m3 layers: switch it off with fp8).
+    merge_linears: the Linear layers with low-rank patches run merged copies of their weight on the concepts' rows
+    instead of the factors' deltas (faster: a delta's extra read and write of the layer's output costs more than
+    splitting its GEMM by row blocks; the copies cost what merging costs, 4.1 GiB a concept for a rank-64 LoRA on
+    every kohya target of SDXL); their forward is replaced while installed (not for omg.fp8's e4m3 layers: switch it
+    off with fp8).
     Use ``with grouped.installed(first_row, members): out = root(...)``; the base weights are never modified.
     """
 
     def __init__(self, root: nn.Module, concepts: Sequence[Optional[dict[str, list[Patch]]]],
-                 rows_per_concept: int = 2, merge_wide: bool = False):
+                 rows_per_concept: int = 2, merge_linears: bool = False):
         self.root, self.count, self.rows_per_concept = root, len(concepts), rows_per_concept
         per_concept = [patches_by_module(c or {}) for c in concepts]
         names = sorted({name for c in per_concept for name in c})
@@ -230,18 +221,16 @@ class GroupedLora:
         modules = dict(root.named_modules())
         self.modules: dict[str, nn.Module] = {}
         self.layers: dict[str, _Stacked | _PerConcept | _MergedRows] = {}
-        linears, wide = [], []
+        linears, merged = [], []
         for name in names:
             items = [c.get(name, []) for c in per_concept]
             m = self.modules[name] = hookable(modules[name], name, next(i for i in items if i))
-            if merge_wide and _wide(m, items):
-                wide.append((name, m, items))
-            elif all(_stackable(m, i) for i in items):
-                linears.append((name, m, items))
+            if all(_stackable(m, i) for i in items):
+                (merged if merge_linears else linears).append((name, m, items))
             else:
                 self.layers[name] = _PerConcept(m, items)
         self.layers.update(_stack_linears_cached(root, linears))
-        self.layers.update(_merge_rows_cached(root, wide))
+        self.layers.update(_merge_rows_cached(root, merged))
 
     @property
     def extra_bytes(self) -> int:
@@ -274,7 +263,7 @@ class GroupedLora:
 
         def forward_for(module: nn.Linear, layer: _MergedRows):
             if getattr(module, "fp8", False):
-                raise LoraError("merge_wide runs 16-bit GEMMs: it does not combine with omg.fp8's e4m3 layers")
+                raise LoraError("merge_linears runs 16-bit GEMMs: it does not combine with omg.fp8's e4m3 layers")
 
             def forward(x: Tensor) -> Tensor:
                 check(x)
