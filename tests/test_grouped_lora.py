@@ -126,6 +126,31 @@ def test_the_stacking_is_kept_for_the_same_concepts(unet):
     torch.testing.assert_close(weaker.layers[name].up[0] * 2, first.layers[name].up[0])
 
 
+def test_the_merged_copies_are_kept_for_the_same_concepts_and_base_weights(unet):
+    """merge_linears: a second GroupedLora of the same LoRAs and strengths reuses the merged copies; a base weight
+    written in place (a style LoRA merged into it) merges anew, from the new values."""
+    from omg.lora.grouped import _MergedRows
+
+    specs = [s for s in concepts(unet) if s is not None]
+    first = GroupedLora(unet, [bind(unet, s) for s in specs], merge_linears=True)
+    merged = [name for name, layer in first.layers.items() if isinstance(layer, _MergedRows)]
+    again = GroupedLora(unet, [bind(unet, s) for s in specs], merge_linears=True)
+    assert merged and all(again.layers[name] is first.layers[name] for name in merged)
+    weight = unet.get_submodule(merged[0]).weight
+    kept = weight.detach().clone()
+    copy = next(w for w in first.layers[merged[0]].weights if w is not None)
+    with torch.no_grad():
+        weight.add_(1.0)
+    try:
+        moved = GroupedLora(unet, [bind(unet, s) for s in specs], merge_linears=True)
+        new = next(w for w in moved.layers[merged[0]].weights if w is not None)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+    assert moved.layers[merged[0]] is not first.layers[merged[0]]
+    torch.testing.assert_close(new - 1.0, copy)
+
+
 def test_installing_looks_up_no_module(unet, monkeypatch):
     """The patched modules are looked up once, at construction: installing the hooks (every grouped call eagerly,
     each stage-2 run for its cross-attention keys and values) walks no module path. Before, it called get_submodule

@@ -61,7 +61,10 @@ def _factors(items: list[Patch], n_in: int, n_out: int) -> tuple[Tensor, Tensor]
     return down, up
 
 
-def _stack_linears(entries: list[tuple[str, nn.Linear, list[list[Patch]]]]) -> dict[str, _Stacked]:
+Entries = list[tuple[str, nn.Linear, list[list[Patch]]]]  # (name, Linear, per-concept patches) of some layers
+
+
+def _stack_linears(entries: Entries) -> dict[str, _Stacked]:
     """_Stacked factors for every (name, Linear, per-concept patches). Layers of one shape share one buffer,
     filled with a few bulk copies: copying 722 layers x k concepts one by one cost 0.4 s of host time."""
     groups: dict[tuple, list] = defaultdict(list)
@@ -92,26 +95,31 @@ def _stack_linears(entries: list[tuple[str, nn.Linear, list[list[Patch]]]]) -> d
     return stacked
 
 
-# The last stacking per base model (one entry, dropped with the model): repeated renders with the same concepts skip
-# it (host-bound work that otherwise delays stage 2's first step). The entry holds the adapters its key names by
-# id, so no id in it can be reused while it lives.
-_last_stacking: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, dict[str, _Stacked]]]" = \
-    weakref.WeakKeyDictionary()
-
-
-def _stack_linears_cached(root: nn.Module, entries: list[tuple[str, nn.Linear, list[list[Patch]]]]
-                          ) -> dict[str, _Stacked]:
+def _made_once(cache: weakref.WeakKeyDictionary, root: nn.Module, entries: Entries,
+               make: Callable[[Entries], dict], reads_base: bool) -> dict:
+    """make(entries), or what it made last for the same entries on root: repeated renders with the same concepts skip
+    it (host-bound work before stage 2's first step, or merging). One entry per root, dropped with it; it holds the
+    adapters its key names by id, so no id in it can be reused while it lives. reads_base: what make returns depends
+    on the base weights' values too (their storage and in-place writes: a style LoRA merged into them is another key).
+    """
     key = tuple((name, m.weight.dtype, m.weight.device,
+                 (m.weight.data_ptr(), m.weight._version) if reads_base else None,
                  tuple(tuple((id(p.adapter), p.strength) for p in items) for items in per_concept))
                 for name, m, per_concept in entries)
-    last = _last_stacking.get(root)
+    last = cache.get(root)
     if last is not None and last[0] == key:
         return last[2]
-    _last_stacking.pop(root, None)  # its tensors are freed before the new ones are made
-    stacked = _stack_linears(entries)
-    adapters = [p.adapter for _, _, per_concept in entries for items in per_concept for p in items]
-    _last_stacking[root] = (key, adapters, stacked)
-    return stacked
+    cache.pop(root, None)  # its tensors are freed before the new ones are made
+    made = make(entries)
+    cache[root] = (key, [p.adapter for _, _, per_concept in entries for items in per_concept for p in items], made)
+    return made
+
+
+# the last stacked factors and merged copies made per base model (_made_once)
+_last_stacking: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, dict[str, _Stacked]]]" = \
+    weakref.WeakKeyDictionary()
+_last_merged_rows: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, dict[str, _MergedRows]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 class _MergedRows:
@@ -140,30 +148,9 @@ class _MergedRows:
         return out.view(*x.shape[:-1], m.out_features)
 
 
-def _merge_rows(entries: list[tuple[str, nn.Linear, list[list[Patch]]]]) -> dict[str, _MergedRows]:
+def _merge_rows(entries: Entries) -> dict[str, _MergedRows]:
     return {name: _MergedRows([merged_tensor(m.weight, items) if items else None for items in per_concept])
             for name, m, per_concept in entries}
-
-
-# The last merged copies per base model (as _last_stacking): repeated renders with the same concepts and the same base
-# weights (their storage and in-place writes: a style LoRA merged into the base is another key) reuse them.
-_last_merged_rows: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, dict[str, _MergedRows]]]" = \
-    weakref.WeakKeyDictionary()
-
-
-def _merge_rows_cached(root: nn.Module, entries: list[tuple[str, nn.Linear, list[list[Patch]]]]
-                       ) -> dict[str, _MergedRows]:
-    key = tuple((name, m.weight.data_ptr(), m.weight._version, m.weight.dtype, m.weight.device,
-                 tuple(tuple((id(p.adapter), p.strength) for p in items) for items in per_concept))
-                for name, m, per_concept in entries)
-    last = _last_merged_rows.get(root)
-    if last is not None and last[0] == key:
-        return last[2]
-    _last_merged_rows.pop(root, None)  # its copies are freed before the new ones are made
-    merged = _merge_rows(entries)
-    adapters = [p.adapter for _, _, per_concept in entries for items in per_concept for p in items]
-    _last_merged_rows[root] = (key, adapters, merged)
-    return merged
 
 
 def merged_copy_bytes(root: nn.Module, concepts: Sequence[Optional[dict[str, list[Patch]]]]) -> tuple[int, int]:
@@ -229,8 +216,8 @@ class GroupedLora:
                 (merged if merge_linears else linears).append((name, m, items))
             else:
                 self.layers[name] = _PerConcept(m, items)
-        self.layers.update(_stack_linears_cached(root, linears))
-        self.layers.update(_merge_rows_cached(root, merged))
+        self.layers.update(_made_once(_last_stacking, root, linears, _stack_linears, reads_base=False))
+        self.layers.update(_made_once(_last_merged_rows, root, merged, _merge_rows, reads_base=True))
 
     @property
     def extra_bytes(self) -> int:
