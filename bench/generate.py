@@ -35,6 +35,7 @@ from omg.graphs import GraphedCall, release_graphs
 from omg.lora import bind, load_lora
 from omg.model import SDXL
 from omg.pipeline import Concept, generate
+from omg.reuse import release
 from omg.text import SDXLTextEncoder
 from omg.unet import UNetConfig
 from omg.vae import AutoencoderKL, VAEConfig
@@ -75,8 +76,8 @@ def run(model: SDXL, loras: list, k: int, store: str, args, self_replay: int = 0
         repeat: bool = True, merge_linears: bool = True) -> dict:
     """One configuration: with CUDA graphs (and repeat) its first image (graph recording, LoRA stacking) and then
     the timed one, the steady state of repeated renders (what generate keeps between them, as a user's loop would
-    have it); without, one image. Nothing is kept from the configuration before."""
-    release_graphs(model)
+    have it); without, one image. Nothing is kept from the configuration before (omg.release)."""
+    release(model)
     gc.collect()
     torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated()

@@ -13,7 +13,8 @@ from omg.options import OMGOptions
 __version__ = "0.1.0"  # setup.py reads it here
 
 __all__ = ["SDXL", "load_sdxl", "OMGOptions", "Concept", "Control", "load_controlnet", "Result", "generate",
-           "check_request", "StepEvent", "latent_preview", "sample", "regional_sample", "release_graphs"]
+           "check_request", "StepEvent", "latent_preview", "sample", "regional_sample", "release_graphs",
+           "release"]
 
 
 def __getattr__(name: str):
@@ -21,6 +22,9 @@ def __getattr__(name: str):
     if name in ("Concept", "Result", "generate"):
         from omg import pipeline
         return getattr(pipeline, name)
+    if name == "release":  # everything generate keeps on a model for its next call (omg.reuse)
+        from omg.reuse import release
+        return release
     if name == "release_graphs":
         from omg.graphs import release_graphs
         return release_graphs

@@ -124,7 +124,7 @@ class OMGOptions:
                                                 "(CUDA, store not 'maps', no self-attention replay)", parse=bool)
     keep_graphs: bool = _option(True, "keep the CUDA graphs and the replay store they write on the model for the next "
                                       "call of the same configuration, which then records none (not with ControlNets, "
-                                      "InstantID, style LoRAs or fp8); omg.release_graphs(model) frees them",
+                                      "InstantID, style LoRAs or fp8); omg.release(model) frees them",
                                 parse=bool)
     noise_device: str = _option("cpu", "device the noise is drawn on: 'cpu' gives a seed the same image on every "
                                        "device; 'cuda' draws as diffusers with a CUDA generator and A1111's GPU RNG "

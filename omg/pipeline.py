@@ -34,7 +34,7 @@ from omg.instantid import FacePasses, check_instantid, load_faces, load_instanti
 from omg.graphs import KeptGraphs, graphs_usable, keep_graphs, kept_graphs, release_graphs
 from omg.inputs import check_model
 from omg.lora import ConceptWeights, LoraFile, text_encoder_lora
-from omg.lora.grouped import merged_copy_bytes
+from omg.lora.grouped import merged_copy_bytes, release_kept
 from omg.masks import ConceptMasks, SamRefiner, concept_token_indices, make_masks, prepare_user_masks, token_heatmaps
 from omg.model import decode_images
 from omg.options import DEFAULT_NEGATIVE, LORA_MODES, OMGOptions  # noqa: F401 (re-exported)
@@ -152,7 +152,10 @@ def _generate(model: Any, prompt: str, concepts: list[Concept], loras: list[Opti
 
     # ---- setup: concept weights, conditioning, ControlNets, noise, the model-call schedule ---------------------
     # every LoRA is matched before sampling: one for another base fails here, the model untouched
-    concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode, o.merge_linears and not o.fp8, reuse)
+    merge_linears = o.lora_mode == "grouped" and o.merge_linears and not o.fp8
+    concept_models = _ConceptModels.load(unet, concepts, loras, o.lora_mode, merge_linears, reuse)
+    if not merge_linears:  # merged copies kept from an earlier call would sit idle through this one
+        release_kept(unet, stacking=False)
     negatives = None if o.negative_prompt is None else [o.negative_prompt]
     text_key = weights_key(model.text)  # the text encoder's weights before any LoRA is merged on it
 

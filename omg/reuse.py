@@ -8,7 +8,8 @@ seed) redoes none of its setup: the LoRA files it read, their patches bound to t
     reuse.keep()                                  # this call's, for the next (the last call's are dropped)
 
 Each is held until the next call has made its own: only what that call used again survives it. The stacked LoRA
-factors and merged copies are kept by omg.lora.grouped, stage 2's CUDA graphs by omg.graphs.
+factors and merged copies are kept by omg.lora.grouped, stage 2's CUDA graphs by omg.graphs; `release(model)`
+frees all of it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from typing import ClassVar, Optional, Sequence
 
 from torch import nn
 
+from omg.graphs import release_graphs
 from omg.lora import LoraFile, bind, load_lora
+from omg.lora.grouped import release_kept
 from omg.lora.merge import Patch
 
 
@@ -26,6 +29,16 @@ def weights_key(module: nn.Module) -> tuple:
     """What identifies a module's current weights: each parameter's device, address and version counter (bumped by
     every in-place write, e.g. a LoRA merged in place); a tensor swapped in has another address."""
     return tuple((p.device, p.data_ptr(), p._version) for p in module.parameters())
+
+
+def release(model: nn.Module) -> None:
+    """Free all that generate keeps on a model (an omg.SDXL or its UNet) for its next call: the CUDA graphs and the
+    replay store they write (omg.graphs), the concepts' merged copies and stacked factors (omg.lora.grouped), and the
+    last call's LoRA files, bound patches and prompt encodings."""
+    unet = getattr(model, "unet", model)
+    release_graphs(unet)
+    release_kept(unet)
+    Reuse._last = None
 
 
 class Reuse:

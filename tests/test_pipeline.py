@@ -476,3 +476,24 @@ def test_merge_linears_copies_only_where_memory_allows(model, tmp_path, monkeypa
     assert merged_rows(merged) > 0 and merged_rows(short) == 0 and merged_rows(off) == 0
     assert torch.equal(short.latent, off.latent)
     assert (merged.latent - off.latent).abs().max().item() <= 1e-4 * off.latent.abs().max().item()
+
+
+def test_merged_copies_stay_only_for_calls_that_use_them_and_release_frees_all(model, tmp_path):
+    """The merged copies of merge_linears are kept on the model for the next call (the same concepts reuse them),
+    dropped by a call that runs without them (merged mode, or the factors only), and omg.release(model) frees all that
+    generate keeps. Before, a merged-mode call ran with the last call's copies still allocated."""
+    from omg.lora.grouped import _last_merged_rows, _last_stacking
+    loras = [kohya_lora_all_targets(model, tmp_path / f"{i}.safetensors", seed=i) for i in range(2)]
+    concepts = [omg.Concept("man", "a photo of sks man", lora=loras[0], mask=(0, 0, 32, 64)),
+                omg.Concept("woman", "a photo of ohwx woman", lora=loras[1], mask=(32, 0, 64, 64))]
+    run(model, concepts)
+    assert model.unet in _last_merged_rows
+    run(model, concepts, lora_mode="merged")
+    assert model.unet not in _last_merged_rows
+    run(model, concepts)
+    run(model, concepts, merge_linears=False)
+    assert model.unet not in _last_merged_rows and model.unet in _last_stacking
+    run(model, concepts)
+    assert Reuse._last is not None
+    omg.release(model)
+    assert model.unet not in _last_merged_rows and model.unet not in _last_stacking and Reuse._last is None

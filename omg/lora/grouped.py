@@ -102,6 +102,9 @@ def _made_once(cache: weakref.WeakKeyDictionary, root: nn.Module, entries: Entri
     adapters its key names by id, so no id in it can be reused while it lives. reads_base: what make returns depends
     on the base weights' values too (their storage and in-place writes: a style LoRA merged into them is another key).
     """
+    if not entries:  # nothing to keep
+        cache.pop(root, None)
+        return {}
     key = tuple((name, m.weight.dtype, m.weight.device,
                  (m.weight.data_ptr(), m.weight._version) if reads_base else None,
                  tuple(tuple((id(p.adapter), p.strength) for p in items) for items in per_concept))
@@ -151,6 +154,14 @@ class _MergedRows:
 def _merge_rows(entries: Entries) -> dict[str, _MergedRows]:
     return {name: _MergedRows([merged_tensor(m.weight, items) if items else None for items in per_concept])
             for name, m, per_concept in entries}
+
+
+def release_kept(root: nn.Module, stacking: bool = True) -> None:
+    """Drop what GroupedLora keeps on root for its next construction: the concepts' merged copies (merge_linears: 4.1
+    GiB a concept for a rank-64 LoRA on every kohya target of SDXL) and, with stacking, the stacked factors."""
+    _last_merged_rows.pop(root, None)
+    if stacking:
+        _last_stacking.pop(root, None)
 
 
 def merged_copy_bytes(root: nn.Module, concepts: Sequence[Optional[dict[str, list[Patch]]]]) -> tuple[int, int]:
