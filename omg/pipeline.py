@@ -363,10 +363,11 @@ class _ConceptModels:
              mode: str, merge_linears: bool = False, reuse: Optional[Reuse] = None) -> "_ConceptModels":
         assert mode in LORA_MODES, mode
         reuse = reuse or Reuse()
-        # grouped: matched and validated now; the factors are stacked once the masks are known
-        prepare = reuse.bound if mode == "grouped" else lambda unet, lora, scale: ConceptWeights.merge(unet,
-                                                                                                       (lora, scale))
-        return cls(unet, mode, [None if lora is None else prepare(unet, lora, c.lora_scale)
+
+        def prepare(lora: LoraFile, scale: float):
+            # grouped: matched and validated now; the factors are stacked (or merged) once the masks are known
+            return reuse.bound(unet, lora, scale) if mode == "grouped" else ConceptWeights.merge(unet, (lora, scale))
+        return cls(unet, mode, [None if lora is None else prepare(lora, c.lora_scale)
                                 for c, lora in zip(concepts, loras)], merge_linears)
 
     def for_stage2(self, active: Sequence[int], images: int) -> StageTwoWeights:
